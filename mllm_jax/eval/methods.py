@@ -1,0 +1,86 @@
+"""What the runner evaluates: anything with `fit`, `predict_proba` and `classes_`.
+
+A method is named by a factory `seed -> Classifier`, called once per fit so no state leaks
+between entries. Baselines live in `baselines.py`; the LLM classifier of `mllm_jax.infer`
+plugs in through `llm_method` when that package exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from typing import Protocol, Self, runtime_checkable
+
+import numpy as np
+import pandas as pd
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """The scikit-learn subset the runner calls.
+
+    fit: X DataFrame[shots, features], y i64[shots] label codes -> self.
+    predict_proba: X DataFrame[n, features] -> f32[n, len(classes_)], rows summing to 1.
+    classes_: the label codes seen in `fit`, sorted; column j of predict_proba is classes_[j].
+    """
+
+    classes_: np.ndarray
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray) -> Self: ...
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray: ...
+
+
+MethodFactory = Callable[[int], Classifier]
+
+LLM_PACKAGE = "mllm_jax.infer"
+
+
+class MethodUnavailableError(RuntimeError):
+    """A requested method whose implementation is not installed."""
+
+
+def llm_method(model_dir: str | os.PathLike[str], **options: object) -> MethodFactory:
+    """A factory for `mllm_jax.infer.MLLMClassifier(model_dir, **options)`.
+
+    The seed goes to the classifier's `random_state` or `seed` parameter when it has one.
+    """
+    if importlib.util.find_spec(LLM_PACKAGE) is None:
+        raise MethodUnavailableError(
+            f"--model needs the LLM classifier ({LLM_PACKAGE}.MLLMClassifier), which is "
+            "not available yet in this installation; run without --model to evaluate the "
+            "baselines only"
+        )
+    from mllm_jax.infer import MLLMClassifier  # type: ignore[import-not-found]
+
+    accepted = inspect.signature(MLLMClassifier).parameters
+    seed_name = next((p for p in ("random_state", "seed") if p in accepted), None)
+
+    def make(seed: int) -> Classifier:
+        extra = {seed_name: seed} if seed_name else {}
+        return MLLMClassifier(str(model_dir), **options, **extra)
+
+    return make
+
+
+def resolve_methods(
+    names: Sequence[str],
+    model_dir: str | os.PathLike[str] | None = None,
+    model_name: str = "mllm",
+) -> dict[str, MethodFactory]:
+    """Baseline names (see `baselines.BASELINES`) plus the LLM under `model_name` if given."""
+    from mllm_jax.eval.baselines import BASELINES
+
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(BASELINES)}")
+    methods: dict[str, MethodFactory] = {name: BASELINES[name] for name in dict.fromkeys(names)}
+    if model_dir is not None:
+        if model_name in methods:
+            raise ValueError(f"method name {model_name!r} is taken by a baseline")
+        methods[model_name] = llm_method(model_dir)
+    if not methods:
+        raise ValueError("no methods to evaluate")
+    return methods

@@ -1,0 +1,252 @@
+"""The evaluation runner: methods over a plan, one logged result at a time, resumable.
+
+An output directory holds `run.json` (the protocol and a digest of every dataset), the log
+`results.jsonl` (one line per (dataset, seed, shots, method), appended as each finishes)
+and the reports written from the whole log at the end (`report.py`, `plots.py`). Running
+again into the same directory skips the entries the log already holds as "ok", so an
+interrupted run resumes, and new datasets, shots, seeds or methods extend it. A different
+protocol, or a dataset whose content changed under the same name, is refused rather than
+mixed in. A method that raises is logged as an "error" entry (retried on the next run)
+unless `on_error="raise"`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from mllm_jax.eval.datasets import Dataset
+from mllm_jax.eval.methods import MethodFactory
+from mllm_jax.eval.metrics import check_probabilities, compute_metrics
+from mllm_jax.eval.protocol import Plan, PlanEntry, Protocol, Skipped, build_plan
+from mllm_jax.eval.results_io import append_record, read_log, repair_log, write_json
+
+RESULTS_LOG = "results.jsonl"
+RUN_FILE = "run.json"
+
+ResultKey = tuple[str, int, int, str]  # (dataset, seed, shots, method)
+
+
+class RunDirectoryError(ValueError):
+    """The output directory holds results that a new run must not be mixed with."""
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    completed: int  # results computed by this call
+    resumed: int  # results found in the log and not recomputed
+    errors: list[dict[str, Any]]  # error records of this call
+    skipped: tuple[Skipped, ...]
+    records: list[dict[str, Any]] = field(repr=False)  # the whole log after this call
+
+
+def result_key(record: Mapping[str, Any]) -> ResultKey:
+    return (record["dataset"], int(record["seed"]), int(record["shots"]), record["method"])
+
+
+def dataset_digest(dataset: Dataset) -> str:
+    """sha1 over feature values, labels and classes: detects a changed file under one name."""
+    digest = hashlib.sha1()
+    digest.update(pd.util.hash_pandas_object(dataset.features, index=False).to_numpy().tobytes())
+    digest.update(",".join(map(str, dataset.features.columns)).encode())
+    digest.update(dataset.labels.tobytes())
+    digest.update(repr(dataset.classes.tolist()).encode())
+    return digest.hexdigest()
+
+
+def evaluate_entry(
+    dataset: Dataset, entry: PlanEntry, method: str, factory: MethodFactory
+) -> dict[str, Any]:
+    """Fits a fresh classifier per episode and scores every test row of the entry."""
+    features = dataset.features.iloc[:, list(entry.columns)]
+    test = entry.test
+    proba = np.zeros((len(test), dataset.n_classes), dtype=np.float64)
+    fit_seconds = predict_seconds = 0.0
+    shot_classes: list[int] = []
+    row = 0
+    for episode in entry.episodes:
+        shot_labels = dataset.labels[episode.train]
+        model = factory(entry.seed)
+        start = time.perf_counter()
+        model.fit(features.iloc[episode.train].reset_index(drop=True), shot_labels)
+        fit_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        episode_proba = model.predict_proba(features.iloc[episode.test].reset_index(drop=True))
+        predict_seconds += time.perf_counter() - start
+
+        who = f"method {method!r} on {dataset.name} (seed {entry.seed}, {entry.shots} shots)"
+        classes = np.asarray(model.classes_)
+        present = np.unique(shot_labels)
+        if (
+            classes.ndim != 1
+            or not np.all(np.isin(classes, present))
+            or len(np.unique(classes)) != len(classes)
+        ):
+            raise ValueError(
+                f"{who}: classes_ {classes.tolist()} must be distinct label codes seen in the "
+                f"shots {present.tolist()}"
+            )
+        episode_proba = check_probabilities(episode_proba, len(episode.test), len(classes), who)
+        # Classes absent from the shots keep probability 0: the method never saw them.
+        proba[row : row + len(episode.test), classes.astype(np.int64)] = episode_proba
+        row += len(episode.test)
+        shot_classes.append(len(present))
+
+    return {
+        "dataset": dataset.name,
+        "seed": entry.seed,
+        "shots": entry.shots,
+        "method": method,
+        "status": "ok",
+        "shots_used": entry.shots_used,
+        "n_test": len(test),
+        "n_classes": dataset.n_classes,
+        "shot_classes": min(shot_classes),
+        "episodes": len(entry.episodes),
+        **compute_metrics(dataset.labels[test], proba),
+        "fit_seconds": fit_seconds,
+        "predict_seconds": predict_seconds,
+    }
+
+
+def _check_run_directory(
+    out_dir: Path, protocol: Protocol, datasets: Sequence[Dataset]
+) -> dict[str, Any]:
+    """Returns the updated run.json content; raises RunDirectoryError on a mismatch."""
+    digests = {dataset.name: dataset_digest(dataset) for dataset in datasets}
+    run_path = out_dir / RUN_FILE
+    previous: dict[str, Any] = {}
+    if run_path.exists():
+        previous = json.loads(run_path.read_text(encoding="utf-8"))
+        if previous.get("protocol") != protocol.to_dict():
+            raise RunDirectoryError(
+                f"{out_dir} holds results of another protocol ({previous.get('protocol')}); "
+                f"this run uses {protocol.to_dict()}; choose a new output directory"
+            )
+        for name, digest in digests.items():
+            old = previous.get("datasets", {}).get(name)
+            if old is not None and old != digest:
+                raise RunDirectoryError(
+                    f"{out_dir}: dataset {name!r} differs from the one evaluated there "
+                    "before (same name, other content); choose a new output directory"
+                )
+    elif (out_dir / RESULTS_LOG).exists():
+        raise RunDirectoryError(f"{out_dir} has {RESULTS_LOG} but no {RUN_FILE}; not resuming")
+    return {
+        "protocol": protocol.to_dict(),
+        "datasets": {**previous.get("datasets", {}), **digests},
+        "skipped": previous.get("skipped", []),
+    }
+
+
+def run_evaluation(
+    datasets: Sequence[Dataset],
+    methods: Mapping[str, MethodFactory],
+    shots: Sequence[int],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    protocol: Protocol | None = None,
+    *,
+    on_error: Literal["record", "raise"] = "record",
+    console: Console | None = None,
+    write_plots: bool = True,
+) -> RunSummary:
+    """Runs every (entry, method) not yet in `out_dir`'s log, then writes the reports."""
+    from mllm_jax.eval.report import write_reports
+
+    protocol = protocol or Protocol()
+    console = console or Console(stderr=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan: Plan = build_plan(datasets, shots, seeds, protocol)
+    run_info = _check_run_directory(out_dir, protocol, datasets)
+
+    log_path = out_dir / RESULTS_LOG
+    records, partial_tail = read_log(log_path)
+    if partial_tail:
+        console.print(f"[yellow]{log_path}: dropping a partial last line (interrupted write)")
+        repair_log(log_path, records)
+    skipped_before = {s["dataset"]: s["reason"] for s in run_info.get("skipped", [])}
+    skipped_before.update({s.dataset: s.reason for s in plan.skipped})
+    run_info["skipped"] = [{"dataset": d, "reason": r} for d, r in sorted(skipped_before.items())]
+    write_json(out_dir / RUN_FILE, run_info)
+    for skip in plan.skipped:
+        console.print(f"[yellow]skipping {skip.dataset}: {skip.reason}")
+
+    done = {result_key(r) for r in records if r.get("status") == "ok"}
+    by_name = {dataset.name: dataset for dataset in datasets}
+    pending = [
+        (entry, name)
+        for entry in plan.entries
+        for name in methods
+        if (*entry.key, name) not in done
+    ]
+    resumed = len(plan.entries) * len(methods) - len(pending)
+    if resumed:
+        console.print(f"resuming: {resumed} results already in {log_path}")
+
+    errors: list[dict[str, Any]] = []
+    progress = Progress(
+        TextColumn("[bold]eval"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+    )
+    with progress:
+        task = progress.add_task("", total=len(pending))
+        for entry, name in pending:
+            progress.update(
+                task, description=f"{entry.dataset} seed={entry.seed} shots={entry.shots} {name}"
+            )
+            try:
+                record = evaluate_entry(by_name[entry.dataset], entry, name, methods[name])
+            except Exception as error:
+                record = {
+                    "dataset": entry.dataset,
+                    "seed": entry.seed,
+                    "shots": entry.shots,
+                    "method": name,
+                    "status": "error",
+                    "error": f"{type(error).__name__}: {error}",
+                }
+                append_record(log_path, record)
+                records.append(record)
+                if on_error == "raise":
+                    raise
+                errors.append(record)
+                progress.console.print(f"[red]error: {record['error']}")
+            else:
+                append_record(log_path, record)
+                records.append(record)
+            progress.advance(task)
+
+    write_reports(out_dir, records, run_info["skipped"], protocol, write_plots=write_plots)
+    return RunSummary(
+        out_dir=out_dir,
+        completed=len(pending) - len(errors),
+        resumed=resumed,
+        errors=errors,
+        skipped=plan.skipped,
+        records=records,
+    )

@@ -6,6 +6,9 @@ heavy dependencies load only when that stage runs.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 from mllm_jax import __version__
@@ -32,6 +35,44 @@ def _root(
     ),
 ) -> None:
     """MachineLearningLM in JAX."""
+
+
+@app.command("eval")
+def eval_(
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data",
+            help="CSV files, directories of CSVs, or scikit-learn names (iris, wine, "
+            "breast_cancer, digits); repeat or comma-separate.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output directory; rerunning resumes.")],
+    shots: Annotated[str, typer.Option(help="Shot counts.")] = "8,16,32,64,128,256,512,1024",
+    seeds: Annotated[str, typer.Option(help="Seeds.")] = "0,1",
+    methods: Annotated[str, typer.Option(help="Baselines to run.")] = "rf,knn,xgb,lr,majority",
+    model: Annotated[
+        Path | None, typer.Option(help="Also evaluate this model (needs mllm_jax.infer).")
+    ] = None,
+    target: Annotated[str, typer.Option(help="Target column of the CSV files.")] = "label",
+    protocol: Annotated[
+        str, typer.Option(help="'nested' (ours) or 'reference' (MachineLearningLM's draws).")
+    ] = "nested",
+    max_test: Annotated[int | None, typer.Option(help="At most this many test rows.")] = None,
+    plots: Annotated[bool, typer.Option(help="Write PNG plots.")] = True,
+    fail_fast: Annotated[bool, typer.Option(help="Stop at the first failing entry.")] = False,
+) -> None:
+    """Evaluate baselines (and a model) on real tables: results CSV/JSON, markdown, plots."""
+    from mllm_jax.eval.command import USAGE_ERRORS, eval_command
+
+    try:
+        status = eval_command(
+            data, out, shots, seeds, methods, target, model, protocol, max_test, plots, fail_fast
+        )
+    except USAGE_ERRORS as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    raise typer.Exit(status)
 
 
 def main() -> None:

@@ -1,0 +1,76 @@
+"""`mllm-jax eval`: parses the command's strings and runs `run_evaluation`.
+
+Kept apart from `mllm_jax/cli.py` so the CLI module stays light: this module (and pandas,
+scikit-learn, XGBoost) loads only when the command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from mllm_jax.eval.datasets import DatasetError, resolve_datasets
+from mllm_jax.eval.methods import MethodUnavailableError, resolve_methods
+from mllm_jax.eval.protocol import Protocol, parse_int_list
+from mllm_jax.eval.run import RunDirectoryError, run_evaluation
+
+USAGE_ERRORS = (
+    DatasetError,
+    FileNotFoundError,
+    MethodUnavailableError,
+    RunDirectoryError,
+    ValueError,
+)
+
+
+def split_specs(values: list[str]) -> list[str]:
+    """`--data a.csv,b.csv --data dir` -> ["a.csv", "b.csv", "dir"]."""
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def eval_command(
+    data: list[str],
+    out: Path,
+    shots: str,
+    seeds: str,
+    methods: str,
+    target: str = "label",
+    model: Path | None = None,
+    protocol: str = "nested",
+    max_test: int | None = None,
+    plots: bool = True,
+    fail_fast: bool = False,
+) -> int:
+    """Runs the evaluation; returns the exit status (0 ok, 1 some entries failed)."""
+    console = Console(stderr=True)
+    if protocol == "nested":
+        chosen = Protocol(max_test=max_test)
+    elif protocol == "reference":
+        chosen = Protocol.reference(max_test=max_test)
+    else:
+        raise ValueError(f"--protocol must be 'nested' or 'reference', got {protocol!r}")
+    method_names = [m.strip() for m in methods.split(",") if m.strip()]
+    factories = resolve_methods(method_names, model_dir=model)
+    shot_counts = parse_int_list(shots, "--shots")
+    seed_list = parse_int_list(seeds, "--seeds")
+    datasets = resolve_datasets(split_specs(data), target=target)
+    for dataset in datasets:
+        console.print(dataset.describe())
+    summary = run_evaluation(
+        datasets,
+        factories,
+        shot_counts,
+        seed_list,
+        out,
+        chosen,
+        on_error="raise" if fail_fast else "record",
+        console=console,
+        write_plots=plots,
+    )
+    console.print(
+        f"{summary.completed} results computed, {summary.resumed} resumed, "
+        f"{len(summary.errors)} errors, {len(summary.skipped)} datasets skipped; "
+        f"reports in {summary.out_dir}"
+    )
+    return 1 if summary.errors else 0

@@ -75,6 +75,11 @@ class Dataset:
         )
 
 
+def show_value(value: object) -> str:
+    """repr of a label value without numpy's wrapper: `0`, not `np.int64(0)`."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
 def from_frame(
     frame: pd.DataFrame, target: str, *, name: str, source: str | None = None
 ) -> Dataset:
@@ -100,7 +105,7 @@ def from_frame(
     classes, labels = np.unique(label_values.to_numpy(), return_inverse=True)
     if len(classes) < 2:
         raise DatasetError(
-            f"{where}: target column {target!r} has a single class ({classes[0]!r}); "
+            f"{where}: target column {target!r} has a single class ({show_value(classes[0])}); "
             "classification needs at least two"
         )
 

@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from mllm_jax.eval.datasets import Dataset
+from mllm_jax.eval.datasets import Dataset, show_value
 
 Sampling = Literal["nested", "reference"]
 
@@ -153,7 +153,7 @@ def split_rows(dataset: Dataset, protocol: Protocol) -> tuple[np.ndarray, np.nda
         rarest = int(np.argmin(counts))
         if counts[rarest] < 2:
             raise ValueError(
-                f"class {dataset.classes[rarest]!r} has {counts[rarest]} row; a stratified "
+                f"class {show_value(dataset.classes[rarest])} has {counts[rarest]} row; a stratified "
                 "split needs at least 2 per class (use stratify=False)"
             )
     train, test = train_test_split(

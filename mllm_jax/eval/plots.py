@@ -39,10 +39,12 @@ def _save(figure: Figure, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _axes(title: str):
+def _axes(title: str, shots: list[int]):
     figure = Figure(figsize=(6.4, 4.2))
     axes = figure.add_subplot()
     axes.set_xscale("log", base=2)
+    axes.set_xticks(shots, [str(s) for s in shots])
+    axes.minorticks_off()
     axes.set_xlabel("shots")
     axes.set_ylabel("accuracy")
     axes.set_title(title, fontsize=10)
@@ -52,7 +54,7 @@ def _axes(title: str):
 
 def plot_dataset(frame: pd.DataFrame, dataset: str, path: Path) -> None:
     """frame: results rows of one dataset (columns method, shots, seed, accuracy)."""
-    figure, axes = _axes(dataset)
+    figure, axes = _axes(dataset, sorted(int(s) for s in frame["shots"].unique()))
     for method, rows in frame.groupby("method", sort=False):
         stats = rows.groupby("shots")["accuracy"].agg(["mean", "min", "max"]).sort_index()
         (line,) = axes.plot(stats.index, stats["mean"], marker="o", label=str(method))
@@ -70,7 +72,8 @@ def plot_average(frame: pd.DataFrame, path: Path) -> None:
     figure, axes = _axes(
         f"accuracy averaged over datasets ({counts.min()}-{counts.max()} per shot count)"
         if counts.min() != counts.max()
-        else f"accuracy averaged over {counts.min()} datasets"
+        else f"accuracy averaged over {counts.min()} datasets",
+        sorted(int(s) for s in counts.index),
     )
     for method, rows in average.groupby("method", sort=False):
         axes.plot(rows["shots"], rows["mean"], marker="o", label=str(method))

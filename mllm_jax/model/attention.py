@@ -1,0 +1,253 @@
+"""Attention behind one small interface, `attend`, with backends chosen by name.
+
+Masking is always explicit: a query attends to a key when both belong to the same
+segment (segment id 0 = padding / empty cache slot, never attended) and the key's
+position is <= the query's position. So packed rows, left padding and a KV cache all use
+the same rule.
+
+Backends:
+  "xla"    dense einsums, queries in chunks of `query_chunk` (never a full [T, S] score
+           matrix for long prompts); grouped-query attention without repeating K/V
+           (q is viewed as [B, T, kv_heads, groups, D]). Runs everywhere; the default.
+  "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")`: NVIDIA GPU,
+           bfloat16/float16 only. Plain causal self-attention (no segment ids, no
+           cache) uses cuDNN's causal mask; anything else passes the explicit mask.
+  "splash" Pallas splash attention (TPU; `interpret=True` runs it on CPU for tests).
+           Self-attention only (no cache): causal by token index within segments.
+
+Scores and softmax are float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Finite, so a fully masked row (a padding query) gives a uniform softmax, not NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def attention_mask(
+    q_positions: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_positions: jax.Array,
+    kv_segment_ids: jax.Array,
+) -> jax.Array:
+    """bool[B, T, S]: same non-zero segment and key position <= query position.
+
+    q_*: i32[B, T]; kv_*: i32[B or 1, S].
+    """
+    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    causal = kv_positions[:, None, :] <= q_positions[:, :, None]
+    return same_segment & causal & (kv_segment_ids[:, None, :] != 0)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_positions: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_positions: jax.Array,
+    kv_segment_ids: jax.Array,
+    scale: float,
+    backend: str = "xla",
+    query_chunk: int = 512,
+    self_attention: bool = False,
+    segments_given: bool = True,
+    return_lse: bool = False,
+    interpret: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Multi-head attention with grouped K/V heads.
+
+    q: [B, T, H, D]; k, v: [B or 1, S, K, D] with H % K == 0 (a batch of 1 is shared by
+    all query rows without being copied); positions / segment ids: i32[B, T] and
+    i32[B or 1, S]. `self_attention`: k/v are exactly the query tokens, in order (no
+    cache). `segments_given`: False when the caller passed no segment ids (one causal
+    sequence per row), which lets cuDNN use its built-in causal mask.
+    Returns out: [B, T, H, D] in q's dtype, and with `return_lse` the log-sum-exp of the
+    scores f32[B, T, H] (for merging partial attentions with `merge_attention`).
+    """
+    if backend == "xla" or (backend in ("cudnn", "splash") and return_lse):
+        fn = functools.partial(_xla_attention, query_chunk=query_chunk)
+    elif backend == "cudnn":
+        fn = functools.partial(
+            _cudnn_attention,
+            query_chunk=query_chunk,
+            plain_causal=self_attention and not segments_given,
+        )
+    elif backend == "splash":
+        if not self_attention:
+            # A cache makes the keys differ from the queries; splash's index-causal
+            # mask does not apply, so cached calls (decode, prefix reuse) run dense.
+            fn = functools.partial(_xla_attention, query_chunk=query_chunk)
+        else:
+            fn = functools.partial(_splash_attention, interpret=interpret)
+    else:
+        raise ValueError(f"unknown attention backend {backend!r} (xla, cudnn, splash)")
+    out, lse = fn(q, k, v, q_positions, q_segment_ids, kv_positions, kv_segment_ids, scale)
+    return (out, lse) if return_lse else out
+
+
+def merge_attention(
+    out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array
+) -> jax.Array:
+    """Combines attention over two disjoint key sets into attention over their union.
+
+    out_*: [B, T, H, D]; lse_*: f32[B, T, H]. Exact (softmax renormalisation).
+    """
+    lse = jnp.logaddexp(lse_a, lse_b)
+    w_a = jnp.exp(lse_a - lse)[..., None]
+    w_b = jnp.exp(lse_b - lse)[..., None]
+    return (out_a.astype(jnp.float32) * w_a + out_b.astype(jnp.float32) * w_b).astype(out_a.dtype)
+
+
+# ------------------------------------------------------------------------------ xla
+
+
+def _xla_block(q, k, v, q_pos, q_seg, kv_pos, kv_seg, scale):
+    """q: [B, C, K, G, D]; k, v: [Bk, S, K, D] (Bk = B or 1) -> (out [B,C,K,G,D], lse f32[B,C,K,G])."""
+    shared = k.shape[0] == 1 and q.shape[0] != 1
+    kv_sub = "skd" if shared else "bskd"
+    if shared:
+        k, v = k[0], v[0]
+    scores = jnp.einsum(f"bckgd,{kv_sub}->bkgcs", q, k, preferred_element_type=jnp.float32)
+    scores = scores * scale
+    mask = attention_mask(q_pos, q_seg, kv_pos, kv_seg)  # [B, C, S]
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - peak)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = (weights / total).astype(v.dtype)
+    out = jnp.einsum(f"bkgcs,{kv_sub}->bckgd", probs, v, preferred_element_type=jnp.float32)
+    lse = (peak + jnp.log(total))[..., 0]  # [B, K, G, C]
+    return out.astype(q.dtype), jnp.transpose(lse, (0, 3, 1, 2))
+
+
+def _xla_attention(q, k, v, q_pos, q_seg, kv_pos, kv_seg, scale, *, query_chunk):
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    if t <= query_chunk:
+        out, lse = _xla_block(qg, k, v, q_pos, q_seg, kv_pos, kv_seg, scale)
+    else:
+        n = -(-t // query_chunk)
+        pad = n * query_chunk - t
+        # Padded queries get segment 0: they attend nothing and are sliced off below.
+        qg = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+        q_pos_p = jnp.pad(q_pos, ((0, 0), (0, pad)))
+        q_seg_p = jnp.pad(q_seg, ((0, 0), (0, pad)))
+
+        def chunks(x):
+            return jnp.moveaxis(x.reshape(b, n, query_chunk, *x.shape[2:]), 1, 0)
+
+        def one(args):
+            qc, pc, sc = args
+            return _xla_block(qc, k, v, pc, sc, kv_pos, kv_seg, scale)
+
+        out, lse = jax.lax.map(one, (chunks(qg), chunks(q_pos_p), chunks(q_seg_p)))
+        out = jnp.moveaxis(out, 0, 1).reshape(b, n * query_chunk, kv_heads, h // kv_heads, d)[:, :t]
+        lse = jnp.moveaxis(lse, 0, 1).reshape(b, n * query_chunk, kv_heads, h // kv_heads)[:, :t]
+    return out.reshape(b, t, h, d), lse.reshape(b, t, h)
+
+
+# ---------------------------------------------------------------------------- cudnn
+
+
+def _require_platform(backend: str, platform: str) -> None:
+    actual = jax.default_backend()
+    if actual != platform:
+        raise RuntimeError(
+            f"attention backend {backend!r} needs a {platform.upper()} but JAX's default "
+            f"backend is {actual!r}; use attention_backend='xla'"
+        )
+
+
+def _cudnn_attention(q, k, v, q_pos, q_seg, kv_pos, kv_seg, scale, *, query_chunk, plain_causal):
+    _require_platform("cudnn", "gpu")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise TypeError(
+            f"attention backend 'cudnn' needs bfloat16 or float16 activations, got {q.dtype}; "
+            "set compute_dtype='bfloat16'"
+        )
+    b, t = q.shape[:2]
+    if k.shape[0] != b:
+        k, v = (jnp.broadcast_to(x, (b, *x.shape[1:])) for x in (k, v))
+        kv_pos, kv_seg = (jnp.broadcast_to(x, (b, x.shape[1])) for x in (kv_pos, kv_seg))
+    if plain_causal:
+        out = jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, implementation="cudnn"
+        )
+    else:
+        # cuDNN turns the boolean mask into a bias; chunking the queries bounds it to
+        # [B, 1, chunk, S] per call.
+        pieces = []
+        for start in range(0, t, query_chunk):
+            stop = min(start + query_chunk, t)
+            mask = attention_mask(q_pos[:, start:stop], q_seg[:, start:stop], kv_pos, kv_seg)
+            pieces.append(
+                jax.nn.dot_product_attention(
+                    q[:, start:stop], k, v, mask=mask[:, None], scale=scale, implementation="cudnn"
+                )
+            )
+        out = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+    return out, None
+
+
+# --------------------------------------------------------------------------- splash
+
+_SPLASH_BLOCK = 128
+
+
+def _splash_attention(q, k, v, q_pos, q_seg, kv_pos, kv_seg, scale, *, interpret):
+    del q_pos, kv_pos  # causal by token index: equal to positions without a cache
+    if not interpret:
+        _require_platform("splash", "tpu")
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    groups = h // kv_heads
+    if k.shape[0] != b:
+        k, v = (jnp.broadcast_to(x, (b, *x.shape[1:])) for x in (k, v))
+        kv_seg = jnp.broadcast_to(kv_seg, (b, kv_seg.shape[1]))
+    # Pad to whole kernel blocks; the pad is segment 0 (attends only itself).
+    padded = -(-t // _SPLASH_BLOCK) * _SPLASH_BLOCK
+    pad = padded - t
+    block = min(512, padded) if padded % min(512, padded) == 0 else _SPLASH_BLOCK
+    mask = sa.MultiHeadMask([sa.CausalMask((padded, padded)) for _ in range(groups)])
+    sizes = sa.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    kernel = sa.make_splash_mqa(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+    # [B, T, K, G, D] -> [B, K, G, T, D]; splash expects the scale folded into q.
+    qh = jnp.transpose(q.reshape(b, t, kv_heads, groups, d), (0, 2, 3, 1, 4)) * scale
+    kh = jnp.transpose(k, (0, 2, 1, 3))  # [B, K, S, D]
+    vh = jnp.transpose(v, (0, 2, 1, 3))
+    if pad:
+        qh = jnp.pad(qh, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+        kh = jnp.pad(kh, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        vh = jnp.pad(vh, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        q_seg = jnp.pad(q_seg, ((0, 0), (0, pad)))
+        kv_seg = jnp.pad(kv_seg, ((0, 0), (0, pad)))
+
+    def per_row(qr, kr, vr, qs, ks):
+        segments = sa.SegmentIds(q=qs, kv=ks)
+        return jax.vmap(lambda qk, kk, vk: kernel(qk, kk, vk, segment_ids=segments))(qr, kr, vr)
+
+    out = jax.vmap(per_row)(qh.astype(q.dtype), kh, vh, q_seg, kv_seg)  # [B, K, G, Tp, D]
+    out = jnp.transpose(out[:, :, :, :t], (0, 3, 1, 2, 4)).reshape(b, t, h, d)
+    return out, None

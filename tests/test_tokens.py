@@ -1,0 +1,197 @@
+"""The tokenizer, our chat template, and the fast id path against ``tokenizer(text)``."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mllm_jax.encoding import build_prompt
+from mllm_jax.encoding.segments import Grid
+from mllm_jax.encoding.tokens import (
+    IM_END,
+    QWEN25_CHAT_TEMPLATE,
+    PromptTokenizer,
+    load_tokenizer,
+    render_chat,
+)
+
+# Text values chosen to stress the pre-tokenizer: letters glue to a preceding comma,
+# whitespace runs before digits hit the \s+(?!\S) look-ahead, non-ASCII digits and
+# letters, combining marks, contractions, CR/LF, empty strings and emoji.
+WORDS = [
+    "Male", "Female", "yes", "no", "nan", "", " ", "  ", "a  b", " lead", "trail ", "x\ty",
+    "日本", "café", "cafe\u0301", "Ångström", "O'Neil", "'s", "it's", "1st", "3.5kg", "v2",
+    "--", "?", "٣", "²", "😀", "new\nline", "cr\r\nlf", "A-B/C", "(x)", "$100", "100%",
+    "  7", "e+10", "ǅ", "ﬁ", "ID", "Label", "|", ",", ":",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def fast(tokenizer):
+    return PromptTokenizer(tokenizer)
+
+
+def random_prompt(rng, text_columns: bool):
+    n_features = int(rng.integers(5, 51))
+    n_classes = int(rng.integers(2, 11))
+    n_train = int(rng.integers(1, 48))
+    n_test = int(rng.integers(1, 51))
+    rows = n_train + n_test
+    columns = {}
+    for j in range(n_features):
+        kind = rng.choice(
+            ["normal", "lognormal", "int", "text"]
+            if text_columns
+            else ["normal", "lognormal", "int"]
+        )
+        if kind == "text":
+            values = [WORDS[k] for k in rng.integers(0, len(WORDS), rows)]
+            values = [None if rng.random() < 0.05 else v for v in values]
+            columns[f"c{j}"] = pd.Series(values, dtype=object)
+        elif kind == "int":
+            columns[f"c{j}"] = rng.integers(-5, 50, rows)
+        else:
+            values = rng.normal(size=rows) * rng.lognormal() * 3
+            if kind == "lognormal":
+                values = np.exp(values)  # heavy tail: encoded values above 999
+            values[rng.random(rows) < 0.1] = np.nan
+            columns[f"c{j}"] = values
+    X = pd.DataFrame(columns)
+    y = rng.integers(0, n_classes, rows)
+    options = {}
+    if rng.random() < 0.2:
+        options["style"] = "tabllm"
+    if rng.random() < 0.2:
+        options["clip_max"] = 999
+    if rng.random() < 0.1:
+        options["include_feature_descriptions"] = True
+    if rng.random() < 0.1:
+        options["pandas2_floats"] = True
+    with_answer = rng.random() < 0.8
+    return build_prompt(
+        X[:n_train], y[:n_train], X[n_train:], y[n_train:] if with_answer else None, **options
+    )
+
+
+def check_prompts(tokenizer, fast, seed: int, count: int):
+    rng = np.random.default_rng(seed)
+    for k in range(count):
+        prompt = random_prompt(rng, text_columns=k % 2 == 1)
+        messages = prompt.messages()
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=prompt.answer is None
+        )
+        assert text == render_chat(messages, add_generation_prompt=prompt.answer is None)
+        expected = tokenizer(text)["input_ids"]
+        encoded = fast.encode(prompt)
+        assert encoded.ids.dtype == np.int32
+        assert encoded.ids.tolist() == expected, f"prompt {k} of seed {seed} differs"
+        if prompt.answer is not None:
+            answer = tokenizer.decode(encoded.ids[encoded.answer_mask])
+            assert answer == messages[2]["content"] + IM_END
+            # the mask is one contiguous run ending on <|im_end|>, then the final "\n"
+            where = np.flatnonzero(encoded.answer_mask)
+            assert (np.diff(where) == 1).all()
+            assert encoded.ids[where[-1]] == fast.im_end_id and where[-1] == len(encoded) - 2
+        else:
+            assert not encoded.answer_mask.any()
+
+
+def test_fast_path_equals_tokenizer_on_random_prompts(tokenizer, fast):
+    check_prompts(tokenizer, fast, seed=0, count=60)
+
+
+@pytest.mark.slow
+def test_fast_path_equals_tokenizer_on_1000_random_prompts(tokenizer, fast):
+    check_prompts(tokenizer, fast, seed=1, count=1000)
+
+
+def test_packaged_tokenizer_is_qwen25(tokenizer):
+    assert len(tokenizer) == 151665
+    assert tokenizer("<think>")["input_ids"] != [151667]  # a Qwen3-only token, dropped
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
+        151643,
+        151644,
+        151645,
+    ]
+    assert tokenizer.eos_token_id == 151645 and tokenizer.pad_token_id == 151643
+    assert tokenizer.bos_token_id is None
+    assert tokenizer("Hello world")["input_ids"] == [9707, 1879]
+    assert tokenizer("0,1,999,500|1")["input_ids"] == [
+        15,
+        11,
+        16,
+        11,
+        24,
+        24,
+        24,
+        11,
+        20,
+        15,
+        15,
+        91,
+        16,
+    ]
+    assert tokenizer(" 123")["input_ids"] == [220, 16, 17, 18]
+    assert tokenizer.chat_template == QWEN25_CHAT_TEMPLATE
+
+
+def test_chat_template_matches_qwen25(tokenizer, fast):
+    user_only = [{"role": "user", "content": "hi"}]
+    text = tokenizer.apply_chat_template(user_only, tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+        "assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert text == render_chat(user_only, add_generation_prompt=True)
+    assert (
+        fast.chat_ids(user_only, add_generation_prompt=True).tolist()
+        == tokenizer(text)["input_ids"]
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "rows:  \n12",
+        "a  1",
+        "\n  7",
+        "x \t 5 y",
+        "12\n\n[Test set]",
+        "cafe\u03015\u0301",
+        "٣4²5",
+        "  ",
+        "0",
+        "",
+        "'s9's",
+        "<|im_end|>3<|endoftext|>",
+        "\r\n\r\n9\r\n",
+    ],
+)
+def test_text_ids_equal_tokenizer(tokenizer, fast, text):
+    assert fast.text_ids(text).tolist() == tokenizer(text)["input_ids"]
+
+
+def test_grid_ids_and_row_lengths(tokenizer, fast):
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 10**7, size=(40, 6)) // rng.choice([1, 10, 1000, 10**6], size=(40, 6))
+    values[0, 0] = 0
+    grid = Grid(values, (",", ", x ", "|", "  ", "\n", "\nID "))
+    ids = fast.grid_ids(grid)
+    assert ids.tolist() == tokenizer(grid.render())["input_ids"]
+    assert fast.grid_row_lengths(grid).sum() == len(ids)
+
+
+def test_refuses_a_tokenizer_that_does_not_split_digits():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate("0123456789abc ")}
+    vocab["12"] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("1", "2")]))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ValueError, match="digits"):
+        PromptTokenizer(bpe)

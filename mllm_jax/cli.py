@@ -61,13 +61,25 @@ def eval_(
     max_test: Annotated[int | None, typer.Option(help="At most this many test rows.")] = None,
     plots: Annotated[bool, typer.Option(help="Write PNG plots.")] = True,
     fail_fast: Annotated[bool, typer.Option(help="Stop at the first failing entry.")] = False,
+    jobs: Annotated[int, typer.Option(help="Worker processes for the baselines.")] = 1,
 ) -> None:
     """Evaluate baselines (and a model) on real tables: results CSV/JSON, markdown, plots."""
     from mllm_jax.eval.command import USAGE_ERRORS, eval_command
 
     try:
         status = eval_command(
-            data, out, shots, seeds, methods, target, model, protocol, max_test, plots, fail_fast
+            data,
+            out,
+            shots,
+            seeds,
+            methods,
+            target,
+            model,
+            protocol,
+            max_test,
+            plots,
+            fail_fast,
+            jobs,
         )
     except USAGE_ERRORS as error:
         typer.echo(f"error: {error}", err=True)

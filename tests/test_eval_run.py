@@ -319,3 +319,15 @@ def test_cli_runs_baselines_and_reports_missing_llm(tmp_path, monkeypatch):
     ]:
         result = runner.invoke(app, ["eval", "--out", str(tmp_path / "y"), *arguments])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_worker_processes_give_the_same_results(tmp_path, datasets):
+    args = (datasets, _quick_methods(), SHOTS, SEEDS)
+    serial = run_evaluation(*args, tmp_path / "serial", PROTOCOL, write_plots=False)
+    parallel = run_evaluation(*args, tmp_path / "parallel", PROTOCOL, write_plots=False, jobs=2)
+    assert parallel.errors == [] and parallel.completed == len(serial.records)
+    assert _without_timings(parallel.records) == _without_timings(serial.records)
+    with pytest.raises(ValueError, match="method 'local' cannot run in worker processes"):
+        run_evaluation(
+            datasets, {"local": lambda seed: Flaky(seed)}, [8], [0], tmp_path / "x", jobs=2
+        )

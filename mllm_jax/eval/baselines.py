@@ -16,6 +16,7 @@ probability 0 on the other classes. Shots of a single class predict it with prob
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Self
 
 import numpy as np
@@ -110,17 +111,12 @@ def majority(n_shots: int, n_classes: int, seed: int) -> ClassifierMixin:
     return DummyClassifier(strategy="prior")
 
 
-def _factory(build: EstimatorBuilder, encoding: TextEncoding, scale: bool) -> MethodFactory:
-    def make(seed: int) -> ShotsClassifier:
-        return ShotsClassifier(build, encoding, scale, seed)
-
-    return make
-
-
+# partial(ShotsClassifier, build, encoding, scale)(seed): picklable, so `jobs > 1` can send
+# the factories to worker processes.
 BASELINES: dict[str, MethodFactory] = {
-    "rf": _factory(random_forest, "ordinal", scale=False),
-    "knn": _factory(knn, "onehot", scale=True),
-    "xgb": _factory(xgboost, "ordinal", scale=False),
-    "lr": _factory(logistic_regression, "onehot", scale=True),
-    "majority": _factory(majority, "ordinal", scale=False),
+    "rf": partial(ShotsClassifier, random_forest, "ordinal", False),
+    "knn": partial(ShotsClassifier, knn, "onehot", True),
+    "xgb": partial(ShotsClassifier, xgboost, "ordinal", False),
+    "lr": partial(ShotsClassifier, logistic_regression, "onehot", True),
+    "majority": partial(ShotsClassifier, majority, "ordinal", False),
 }

@@ -41,9 +41,12 @@ def eval_command(
     max_test: int | None = None,
     plots: bool = True,
     fail_fast: bool = False,
+    jobs: int = 1,
 ) -> int:
     """Runs the evaluation; returns the exit status (0 ok, 1 some entries failed)."""
     console = Console(stderr=True)
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
     if protocol == "nested":
         chosen = Protocol(max_test=max_test)
     elif protocol == "reference":
@@ -67,6 +70,7 @@ def eval_command(
         on_error="raise" if fail_fast else "record",
         console=console,
         write_plots=plots,
+        jobs=jobs,
     )
     console.print(
         f"{summary.completed} results computed, {summary.resumed} resumed, "

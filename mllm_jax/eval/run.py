@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import pickle
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -157,6 +160,59 @@ def _check_run_directory(
     }
 
 
+Outcome = tuple[PlanEntry, str, "dict[str, Any] | Exception"]
+
+
+def _check_picklable(methods: Mapping[str, MethodFactory]) -> None:
+    for name, factory in methods.items():
+        try:
+            pickle.dumps(factory)
+        except Exception as error:
+            raise ValueError(
+                f"method {name!r} cannot run in worker processes (its factory does not "
+                f"pickle: {error}); use jobs=1"
+            ) from error
+
+
+def _outcomes(
+    pending: Sequence[tuple[PlanEntry, str]],
+    by_name: Mapping[str, Dataset],
+    methods: Mapping[str, MethodFactory],
+    jobs: int,
+) -> Iterator[Outcome]:
+    """(entry, method, record or the exception it raised), in completion order."""
+    if jobs <= 1:
+        for entry, name in pending:
+            try:
+                yield (
+                    entry,
+                    name,
+                    evaluate_entry(by_name[entry.dataset], entry, name, methods[name]),
+                )
+            except Exception as error:
+                yield entry, name, error
+        return
+    # spawn, not fork: the progress bar runs a thread, and forking a threaded process can
+    # deadlock the child.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {
+            pool.submit(evaluate_entry, by_name[entry.dataset], entry, name, methods[name]): (
+                entry,
+                name,
+            )
+            for entry, name in pending
+        }
+        try:
+            for future in as_completed(futures):
+                entry, name = futures[future]
+                try:
+                    yield entry, name, future.result()
+                except Exception as error:
+                    yield entry, name, error
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_evaluation(
     datasets: Sequence[Dataset],
     methods: Mapping[str, MethodFactory],
@@ -168,12 +224,19 @@ def run_evaluation(
     on_error: Literal["record", "raise"] = "record",
     console: Console | None = None,
     write_plots: bool = True,
+    jobs: int = 1,
 ) -> RunSummary:
-    """Runs every (entry, method) not yet in `out_dir`'s log, then writes the reports."""
+    """Runs every (entry, method) not yet in `out_dir`'s log, then writes the reports.
+
+    jobs > 1 runs entries in that many worker processes (the factories must pickle, as the
+    baselines do); results do not depend on `jobs`, only the log's line order does.
+    """
     from mllm_jax.eval.report import write_reports
 
     protocol = protocol or Protocol()
     console = console or Console(stderr=True)
+    if jobs > 1:
+        _check_picklable(methods)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan: Plan = build_plan(datasets, shots, seeds, protocol)
@@ -215,30 +278,28 @@ def run_evaluation(
     )
     with progress:
         task = progress.add_task("", total=len(pending))
-        for entry, name in pending:
+        for entry, name, outcome in _outcomes(pending, by_name, methods, jobs):
             progress.update(
                 task, description=f"{entry.dataset} seed={entry.seed} shots={entry.shots} {name}"
             )
-            try:
-                record = evaluate_entry(by_name[entry.dataset], entry, name, methods[name])
-            except Exception as error:
+            if isinstance(outcome, BaseException):
                 record = {
                     "dataset": entry.dataset,
                     "seed": entry.seed,
                     "shots": entry.shots,
                     "method": name,
                     "status": "error",
-                    "error": f"{type(error).__name__}: {error}",
+                    "error": f"{type(outcome).__name__}: {outcome}",
                 }
-                append_record(log_path, record)
-                records.append(record)
+            else:
+                record = outcome
+            append_record(log_path, record)
+            records.append(record)
+            if record["status"] == "error":
                 if on_error == "raise":
-                    raise
+                    raise outcome
                 errors.append(record)
                 progress.console.print(f"[red]error: {record['error']}")
-            else:
-                append_record(log_path, record)
-                records.append(record)
             progress.advance(task)
 
     write_reports(out_dir, records, run_info["skipped"], protocol, write_plots=write_plots)

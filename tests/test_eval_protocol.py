@@ -155,3 +155,27 @@ def test_bad_arguments():
         build_plan([], [0, 8], [0])
     assert reference_shots() == [8, 16, 32, 64, 128, 256, 512, 1024]
     assert reference_shots(100) == [8, 16, 32, 64]
+
+
+@pytest.mark.parametrize("protocol", [Protocol(), Protocol.reference()])
+def test_test_classes_missing_from_the_shots_are_never_predicted(eucalyptus, protocol):
+    from mllm_jax.eval.baselines import BASELINES
+    from mllm_jax.eval.run import evaluate_entry, predict_entry
+
+    plan = build_plan([eucalyptus], [8], range(6), protocol)
+    partial = [
+        e for e in plan.entries if len(np.unique(eucalyptus.labels[e.episodes[0].train])) < 5
+    ]
+    assert partial, "8 uniform shots of 5 classes should miss a class for some seed"
+    entry = partial[0]
+    prediction = predict_entry(eucalyptus, entry, "rf", BASELINES["rf"])
+    row = 0
+    for episode in entry.episodes:
+        absent = np.setdiff1d(np.arange(5), eucalyptus.labels[episode.train])
+        block = prediction.proba[row : row + len(episode.test)]
+        assert np.all(block[:, absent] == 0) and not np.isin(block.argmax(1), absent).any()
+        row += len(episode.test)
+    np.testing.assert_allclose(prediction.proba.sum(1), 1.0, rtol=1e-6)
+    record = evaluate_entry(eucalyptus, entry, "rf", BASELINES["rf"])
+    assert record["shot_classes"] == prediction.shot_classes < 5
+    assert all(np.isfinite(record[m]) for m in ("accuracy", "f1_weighted", "roc_auc", "log_loss"))

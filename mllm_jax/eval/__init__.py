@@ -13,13 +13,21 @@ from mllm_jax.eval.datasets import Dataset, DatasetError, load_csv, load_dataset
 from mllm_jax.eval.methods import Classifier, MethodFactory, MethodUnavailableError, resolve_methods
 from mllm_jax.eval.metrics import METRICS, compute_metrics
 from mllm_jax.eval.protocol import Episode, Plan, PlanEntry, Protocol, build_plan, reference_shots
-from mllm_jax.eval.run import RunDirectoryError, RunSummary, evaluate_entry, run_evaluation
+from mllm_jax.eval.run import (
+    EntryPrediction,
+    RunDirectoryError,
+    RunSummary,
+    evaluate_entry,
+    predict_entry,
+    run_evaluation,
+)
 
 __all__ = [
     "METRICS",
     "Classifier",
     "Dataset",
     "DatasetError",
+    "EntryPrediction",
     "Episode",
     "MethodFactory",
     "MethodUnavailableError",
@@ -33,6 +41,7 @@ __all__ = [
     "evaluate_entry",
     "load_csv",
     "load_dataset",
+    "predict_entry",
     "reference_shots",
     "resolve_datasets",
     "resolve_methods",

@@ -75,13 +75,22 @@ def dataset_digest(dataset: Dataset) -> str:
     return digest.hexdigest()
 
 
-def evaluate_entry(
+@dataclass(frozen=True)
+class EntryPrediction:
+    """proba: f64[n_test, K] over all dataset classes, rows in `PlanEntry.test` order."""
+
+    proba: np.ndarray
+    shot_classes: int  # fewest classes any episode's shots held
+    fit_seconds: float
+    predict_seconds: float
+
+
+def predict_entry(
     dataset: Dataset, entry: PlanEntry, method: str, factory: MethodFactory
-) -> dict[str, Any]:
-    """Fits a fresh classifier per episode and scores every test row of the entry."""
+) -> EntryPrediction:
+    """Fits a fresh classifier per episode; probabilities of every test row of the entry."""
     features = dataset.features.iloc[:, list(entry.columns)]
-    test = entry.test
-    proba = np.zeros((len(test), dataset.n_classes), dtype=np.float64)
+    proba = np.zeros((len(entry.test), dataset.n_classes), dtype=np.float64)
     fit_seconds = predict_seconds = 0.0
     shot_classes: list[int] = []
     row = 0
@@ -112,7 +121,14 @@ def evaluate_entry(
         proba[row : row + len(episode.test), classes.astype(np.int64)] = episode_proba
         row += len(episode.test)
         shot_classes.append(len(present))
+    return EntryPrediction(proba, min(shot_classes), fit_seconds, predict_seconds)
 
+
+def evaluate_entry(
+    dataset: Dataset, entry: PlanEntry, method: str, factory: MethodFactory
+) -> dict[str, Any]:
+    """The log record of one (dataset, seed, shots, method): counts, metrics, timings."""
+    prediction = predict_entry(dataset, entry, method, factory)
     return {
         "dataset": dataset.name,
         "seed": entry.seed,
@@ -120,13 +136,13 @@ def evaluate_entry(
         "method": method,
         "status": "ok",
         "shots_used": entry.shots_used,
-        "n_test": len(test),
+        "n_test": len(entry.test),
         "n_classes": dataset.n_classes,
-        "shot_classes": min(shot_classes),
+        "shot_classes": prediction.shot_classes,
         "episodes": len(entry.episodes),
-        **compute_metrics(dataset.labels[test], proba),
-        "fit_seconds": fit_seconds,
-        "predict_seconds": predict_seconds,
+        **compute_metrics(dataset.labels[entry.test], prediction.proba),
+        "fit_seconds": prediction.fit_seconds,
+        "predict_seconds": prediction.predict_seconds,
     }
 
 

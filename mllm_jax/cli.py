@@ -87,6 +87,19 @@ def eval_(
     raise typer.Exit(status)
 
 
+@app.command("demo")
+def demo(
+    out: Annotated[
+        Path, typer.Option("--out", help="Run directory (created; the checkpoint goes inside).")
+    ] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="Seed of the random tiny model.")] = 0,
+) -> None:
+    """Demo: random tiny Qwen2 -> HF checkpoint -> load back -> check -> greedy generation."""
+    from mllm_jax.demo import run_demo
+
+    run_demo(out, seed=seed)
+
+
 def main() -> None:
     app()
 

@@ -260,11 +260,14 @@ class Qwen2Config:
 def _rope_from_hf(raw: dict[str, Any], source: str) -> tuple[float, YarnScaling | None]:
     """(rope_theta, YaRN scaling or None) from either `rope_parameters` (transformers 5)
     or `rope_theta` + `rope_scaling` (transformers 4)."""
-    params = dict(raw.get("rope_parameters") or {})
-    legacy = raw.get("rope_scaling") or {}
-    if not params:
-        params = dict(legacy)
-    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    # As transformers 5: a non-empty legacy `rope_scaling` wins over `rope_parameters`
+    # (Qwen's docs enable YaRN by adding rope_scaling to an existing config.json).
+    params = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
+    theta = (
+        params.get("rope_theta")
+        or raw.get("rope_theta")
+        or ((raw.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    )
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type == "default":
         return float(theta), None

@@ -47,6 +47,9 @@ class Linear(nnx.Module):
             if use_bias
             else None
         )
+        # Slot for a LoRA adapter (`mllm_jax.model.lora.apply_lora`); declared as data so
+        # a module can be attached later.
+        self.lora = nnx.data(None)
 
     def __call__(self, x: jax.Array, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
         """x: [..., in_features] -> [..., out_features] in out_dtype (default compute dtype).
@@ -61,4 +64,6 @@ class Linear(nnx.Module):
         )
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
+        if self.lora is not None:
+            y = self.lora(x, y)
         return y.astype(out_dtype or dtype)

@@ -11,6 +11,7 @@ rematerialised on its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -310,32 +311,40 @@ def init_model(
     key = jax.random.key(key) if isinstance(key, int) else key
     abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    flat = [(str(path[-1]), var) for path, var in nnx.to_flat_state(state)]
-    dtype = jnp.dtype(config.param_dtype)
-
-    def draw(key: jax.Array) -> list[jax.Array]:
-        sizes = [
-            math.prod(var.shape) if name in ("kernel", "embedding") else 0 for name, var in flat
-        ]
-        noise = jax.random.normal(key, (sum(sizes),), dtype) * jnp.asarray(
-            config.initializer_range, dtype
-        )
-        values, offset = [], 0
-        for (name, var), size in zip(flat, sizes, strict=True):
-            if size:
-                values.append(noise[offset : offset + size].reshape(var.shape))
-                offset += size
-            else:
-                values.append((jnp.ones if name == "scale" else jnp.zeros)(var.shape, var.dtype))
-        return values
-
+    flat = list(nnx.to_flat_state(state))
+    layout = tuple(
+        (str(path[-1]), tuple(var.shape), jnp.dtype(var.dtype).name) for path, var in flat
+    )
     out_shardings = None
     if mesh is not None:
         from mllm_jax.train.mesh import ShardingRules, state_shardings
 
         shardings = state_shardings(state, mesh, rules or ShardingRules.default())
-        out_shardings = [var.get_value() for _, var in nnx.to_flat_state(shardings)]
-    values = jax.jit(draw, out_shardings=out_shardings)(key)
-    for (_, var), value in zip(flat, values, strict=True):
+        out_shardings = tuple(var.get_value() for _, var in nnx.to_flat_state(shardings))
+    draw = _param_drawer(layout, config.initializer_range, out_shardings)
+    for (_, var), value in zip(flat, draw(key), strict=True):
         var.set_value(value)
     return nnx.merge(graphdef, state)
+
+
+@functools.lru_cache(maxsize=16)
+def _param_drawer(layout: tuple, std: float, out_shardings: tuple | None):
+    """A jitted key -> [parameter values] for a (name, shape, dtype) layout, cached so
+    repeated inits of one architecture compile once."""
+
+    def draw(key: jax.Array) -> list[jax.Array]:
+        sizes = [
+            math.prod(shape) if name in ("kernel", "embedding") else 0 for name, shape, _ in layout
+        ]
+        dtype = jnp.dtype(layout[0][2])
+        noise = jax.random.normal(key, (sum(sizes),), dtype) * jnp.asarray(std, dtype)
+        values, offset = [], 0
+        for (name, shape, dt), size in zip(layout, sizes, strict=True):
+            if size:
+                values.append(noise[offset : offset + size].reshape(shape).astype(dt))
+                offset += size
+            else:
+                values.append((jnp.ones if name == "scale" else jnp.zeros)(shape, dt))
+        return tuple(values)
+
+    return jax.jit(draw, out_shardings=out_shardings)

@@ -1,0 +1,83 @@
+"""Mesh, logical sharding rules, and the sharded model against one device
+(8 simulated CPU devices, from tests/conftest.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, PartitionSpec
+
+from mllm_jax.model import init_model, load_hf, preset
+from mllm_jax.model.testing import save_hf_model
+from mllm_jax.train.mesh import ShardingRules, logical_to_spec, make_mesh
+
+FORWARD = nnx.jit(lambda model, ids: model(ids))
+
+
+def test_make_mesh_shapes_and_auto_axes():
+    assert jax.device_count() == 8
+    mesh = make_mesh(data=2, fsdp=-1, tensor=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert all(t == AxisType.Auto for t in mesh.axis_types)
+    with pytest.raises(ValueError, match="3 x fsdp=1 x tensor=1 = 3 devices, but 8"):
+        make_mesh(data=3)
+    with pytest.raises(ValueError, match="at most one"):
+        make_mesh(data=-1, fsdp=-1)
+
+
+def test_logical_to_spec_divisibility_and_collisions():
+    mesh = make_mesh(fsdp=2, tensor=4)
+    rules = ShardingRules.default()
+    assert logical_to_spec(
+        ("embed", "heads"), (64, 128), mesh, rules, units=(1, 16)
+    ) == PartitionSpec("fsdp", "tensor")
+    notes = []
+    # 2 KV heads of 16 cannot be split over tensor=4 without splitting a head: replicated.
+    spec = logical_to_spec(("embed", "kv_heads"), (64, 32), mesh, rules, units=(1, 16), notes=notes)
+    assert spec == PartitionSpec("fsdp", None)
+    assert len(notes) == 1 and "'kv_heads'" in notes[0]
+    assert logical_to_spec(("batch", None), (4, 3), mesh, rules) == PartitionSpec(
+        ("data", "fsdp"), None
+    )
+    assert logical_to_spec(("batch",), (3,), mesh, rules) == PartitionSpec(None)
+    with pytest.raises(ValueError, match="both map to mesh axis 'tensor'"):
+        logical_to_spec(("heads", "mlp"), (8, 8), mesh, rules)
+    with pytest.raises(ValueError, match="repeats a mesh axis"):
+        ShardingRules({"embed": ("fsdp", "fsdp")})
+    with pytest.raises(KeyError, match="no sharding rule for logical axis 'embd'"):
+        logical_to_spec(("embd",), (8,), mesh, rules)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mesh_ckpt")
+    save_hf_model(directory, seed=21)
+    return directory
+
+
+def test_sharded_model_matches_single_device(checkpoint):
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 160, (4, 16)).astype(np.int32))
+    single = np.asarray(FORWARD(load_hf(checkpoint), ids))
+    mesh = make_mesh(fsdp=2, tensor=4)
+    sharded = load_hf(checkpoint, mesh=mesh)
+    q = sharded.layers[0].self_attn.q_proj.kernel[...]
+    k = sharded.layers[0].self_attn.k_proj.kernel[...]
+    assert q.sharding.spec == PartitionSpec("fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (32, 16)  # [64, 64] over 2 x 4
+    assert k.sharding.spec == PartitionSpec("fsdp", None)  # 2 KV heads stay whole
+    assert sharded.embed_tokens.embedding[...].sharding.spec == PartitionSpec("tensor", "fsdp")
+    with jax.set_mesh(mesh):
+        out = np.asarray(FORWARD(sharded, ids))
+    np.testing.assert_allclose(out, single, atol=1e-5)
+
+
+def test_init_model_straight_into_shardings():
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    model = init_model(preset("tiny"), key=0, mesh=mesh)
+    up = model.layers[1].mlp.up_proj.kernel[...]
+    assert up.sharding.spec == PartitionSpec("fsdp", "tensor")
+    reference = init_model(preset("tiny"), key=0)
+    np.testing.assert_array_equal(
+        np.asarray(up), np.asarray(reference.layers[1].mlp.up_proj.kernel[...])
+    )

@@ -62,6 +62,12 @@ def eval_(
     plots: Annotated[bool, typer.Option(help="Write PNG plots.")] = True,
     fail_fast: Annotated[bool, typer.Option(help="Stop at the first failing entry.")] = False,
     jobs: Annotated[int, typer.Option(help="Worker processes for the baselines.")] = 1,
+    model_options: Annotated[
+        str | None,
+        typer.Option(
+            help="MLLMClassifier options for --model, e.g. 'dtype=bfloat16,n_ensembles=2'."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate baselines (and a model) on real tables: results CSV/JSON, markdown, plots."""
     from mllm_jax.eval.command import USAGE_ERRORS, eval_command
@@ -80,11 +86,60 @@ def eval_(
             plots,
             fail_fast,
             jobs,
+            model_options,
         )
     except USAGE_ERRORS as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
     raise typer.Exit(status)
+
+
+@app.command("predict")
+def predict(
+    model: Annotated[Path, typer.Option(help="Model directory (HF Qwen2 checkpoint).")],
+    train: Annotated[Path, typer.Option(help="Training CSV: the in-context examples.")],
+    test: Annotated[Path, typer.Option(help="CSV of the rows to classify.")],
+    out: Annotated[Path, typer.Option(help="Output CSV: proba_<class> columns + prediction.")],
+    target: Annotated[str, typer.Option(help="Label column of the training CSV.")] = "label",
+    mode: Annotated[
+        str, typer.Option(help="'score' (label probabilities) or 'generate'.")
+    ] = "score",
+    raw_prompt: Annotated[
+        bool, typer.Option(help="system + newline + user, no chat template (reference eval).")
+    ] = False,
+    shots: Annotated[int | None, typer.Option(help="At most this many training rows.")] = None,
+    chunk_size: Annotated[int, typer.Option(help="Test rows per prompt.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 4,
+    ensembles: Annotated[int, typer.Option(help="Shuffled prompts averaged.")] = 1,
+    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of shot draws and shuffles.")] = 0,
+    yarn_factor: Annotated[float | None, typer.Option(help="YaRN factor for long prompts.")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="Append the summary JSON line here.")] = None,
+) -> None:
+    """Classify the rows of a CSV by in-context learning from a training CSV."""
+    from mllm_jax.infer.command import USAGE_ERRORS, predict_command
+
+    try:
+        predict_command(
+            model,
+            train,
+            test,
+            out,
+            target,
+            metrics,
+            mode=mode,
+            prompt_format="raw" if raw_prompt else "chat",
+            n_shots=shots,
+            chunk_size=chunk_size,
+            batch_size=batch_size,
+            n_ensembles=ensembles,
+            dtype=dtype,
+            random_state=seed,
+            yarn_factor=yarn_factor,
+        )
+    except USAGE_ERRORS as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
 
 
 @app.command("demo")

@@ -29,6 +29,20 @@ def split_specs(values: list[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
+def parse_options(text: str) -> dict[str, object]:
+    """`"dtype=bfloat16,n_ensembles=2,yarn_factor=null"` -> {"dtype": "bfloat16", ...};
+    values are read as YAML scalars (numbers, true/false, null, strings)."""
+    import yaml
+
+    options: dict[str, object] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-options: {part!r} is not KEY=VALUE")
+        options[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else None
+    return options
+
+
 def eval_command(
     data: list[str],
     out: Path,
@@ -42,11 +56,14 @@ def eval_command(
     plots: bool = True,
     fail_fast: bool = False,
     jobs: int = 1,
+    model_options: str | None = None,
 ) -> int:
     """Runs the evaluation; returns the exit status (0 ok, 1 some entries failed)."""
     console = Console(stderr=True)
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if model_options and model is None:
+        raise ValueError("--model-options needs --model")
     if protocol == "nested":
         chosen = Protocol(max_test=max_test)
     elif protocol == "reference":
@@ -54,7 +71,9 @@ def eval_command(
     else:
         raise ValueError(f"--protocol must be 'nested' or 'reference', got {protocol!r}")
     method_names = [m.strip() for m in methods.split(",") if m.strip()]
-    factories = resolve_methods(method_names, model_dir=model)
+    factories = resolve_methods(
+        method_names, model_dir=model, model_options=parse_options(model_options or "")
+    )
     shot_counts = parse_int_list(shots, "--shots")
     seed_list = parse_int_list(seeds, "--seeds")
     datasets = resolve_datasets(split_specs(data), target=target)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, Self, runtime_checkable
 
 import numpy as np
@@ -56,6 +56,9 @@ def llm_method(model_dir: str | os.PathLike[str], **options: object) -> MethodFa
     from mllm_jax.infer import MLLMClassifier  # type: ignore[import-not-found]
 
     accepted = inspect.signature(MLLMClassifier).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown model options {unknown}; MLLMClassifier takes {list(accepted)}")
     seed_name = next((p for p in ("random_state", "seed") if p in accepted), None)
 
     def make(seed: int) -> Classifier:
@@ -69,8 +72,10 @@ def resolve_methods(
     names: Sequence[str],
     model_dir: str | os.PathLike[str] | None = None,
     model_name: str = "mllm",
+    model_options: Mapping[str, object] | None = None,
 ) -> dict[str, MethodFactory]:
-    """Baseline names (see `baselines.BASELINES`) plus the LLM under `model_name` if given."""
+    """Baseline names (see `baselines.BASELINES`) plus the LLM under `model_name` if given
+    (`model_options` go to its constructor)."""
     from mllm_jax.eval.baselines import BASELINES
 
     unknown = [name for name in names if name not in BASELINES]
@@ -80,7 +85,7 @@ def resolve_methods(
     if model_dir is not None:
         if model_name in methods:
             raise ValueError(f"method name {model_name!r} is taken by a baseline")
-        methods[model_name] = llm_method(model_dir)
+        methods[model_name] = llm_method(model_dir, **(model_options or {}))
     if not methods:
         raise ValueError("no methods to evaluate")
     return methods

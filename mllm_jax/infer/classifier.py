@@ -1,0 +1,316 @@
+"""`MLLMClassifier`: a scikit-learn classifier that predicts by many-shot in-context learning.
+
+    from mllm_jax.infer import MLLMClassifier
+    clf = MLLMClassifier("path/to/MachineLearningLM-7B-v1", dtype="bfloat16").fit(X, y)
+    proba = clf.predict_proba(X_test)        # f64[n, len(clf.classes_)]
+
+`fit` checks and stores the examples (the shots); `predict_proba` writes them into the
+MachineLearningLM prompt with the test rows in chunks, runs the shared prefix once and
+scores each chunk's answer slot by slot (`mode="score"`), or generates the JSON answer
+and reads it with the reference's fallbacks (`mode="generate"`). With `n_ensembles > 1`
+the shots (and columns) are reordered per member and the probabilities averaged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from mllm_jax.infer.answers import Source, read_answer
+from mllm_jax.infer.loading import LoadedModel, ModelLoadError, load_model
+from mllm_jax.infer.prompts import PROMPT_FORMATS, answer_frame, build_chunked_prompt
+from mllm_jax.infer.runner import RunSettings, generate_prompt, score_prompt
+from mllm_jax.infer.validation import (
+    align_columns,
+    as_frame,
+    check_finite,
+    check_labels,
+    drop_empty_columns,
+)
+
+MODES = ("score", "generate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What `MLLMClassifier.predict_details` returns.
+
+    proba: f64[n, K] averaged over ensemble members (columns follow `classes_`).
+    sources: per member, per row, how the label was read ("score" mode: "scored"; JSON
+        mode: "parsed" | "probabilities" | "default", see `mllm_jax.infer.answers`).
+    answers: per member, per chunk, the generated text (JSON mode only).
+    prompt_tokens: tokens of all prompts (prefix counted once per member).
+    seconds: wall time of the prediction.
+    """
+
+    proba: np.ndarray
+    sources: tuple[tuple[Source | Literal["scored"], ...], ...]
+    answers: tuple[tuple[str, ...], ...]
+    prompt_tokens: int
+    seconds: float
+
+
+class MLLMClassifier(ClassifierMixin, BaseEstimator):
+    """Tabular classification by many-shot in-context learning with a MachineLearningLM-style LLM.
+
+    Args:
+        model_path: Hugging Face Qwen2 checkpoint directory (config.json + safetensors;
+            its tokenizer.json when present, else the packaged Qwen2.5 tokenizer).
+        mode: "score" (label probabilities slot by slot, no parsing) or "generate"
+            (greedy JSON answer + the reference's parsing fallbacks).
+        prompt_format: "chat" (Qwen2.5 ChatML, as trained) or "raw" (system + "\\n" +
+            user without a template, as the reference's vLLM evaluation fed it).
+        n_shots: use at most this many training rows (a seeded uniform draw); None: all.
+        chunk_size: test rows per prompt (the reference used 50).
+        batch_size: prompts (chunks) per model call.
+        n_ensembles: prompts with reordered shots and columns whose probabilities are
+            averaged (member 0 keeps the given order).
+        dtype: parameter/compute dtype ("float32", "bfloat16"); None: the checkpoint's.
+        random_state: seed of the shot draw and the ensemble orders (None means 0).
+        style: prompt style, "concat" (default) or "tabllm".
+        clip_max: upper clip of the encoded numbers (None as the reference, 999 the paper).
+        yarn_factor: switch on (or change) YaRN rope scaling for prompts beyond the
+            model's native positions (the reference used 4 for 131,072 tokens).
+        max_new_tokens: generation budget per chunk (JSON mode); None: 1.25x the answer
+            length + 16.
+        prefill_chunk: prompt tokens per model call while prefilling.
+        attention_query_chunk: queries per attention block (memory of the score matrix).
+        empty_columns: "drop" (warn and leave out columns missing in every shot) or "error".
+        verbose: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        mode: str = "score",
+        prompt_format: str = "chat",
+        n_shots: int | None = None,
+        chunk_size: int = 50,
+        batch_size: int = 4,
+        n_ensembles: int = 1,
+        dtype: str | None = None,
+        random_state: int | None = 0,
+        style: str = "concat",
+        clip_max: int | None = None,
+        yarn_factor: float | None = None,
+        max_new_tokens: int | None = None,
+        prefill_chunk: int = 2048,
+        attention_query_chunk: int | None = None,
+        empty_columns: str = "drop",
+        verbose: bool = False,
+    ) -> None:
+        self.model_path = model_path
+        self.mode = mode
+        self.prompt_format = prompt_format
+        self.n_shots = n_shots
+        self.chunk_size = chunk_size
+        self.batch_size = batch_size
+        self.n_ensembles = n_ensembles
+        self.dtype = dtype
+        self.random_state = random_state
+        self.style = style
+        self.clip_max = clip_max
+        self.yarn_factor = yarn_factor
+        self.max_new_tokens = max_new_tokens
+        self.prefill_chunk = prefill_chunk
+        self.attention_query_chunk = attention_query_chunk
+        self.empty_columns = empty_columns
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ settings
+
+    def _check_params(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(
+                f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}"
+            )
+        for name in ("chunk_size", "batch_size", "n_ensembles", "prefill_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_shots is not None and self.n_shots < 1:
+            raise ValueError(f"n_shots must be >= 1 or None, got {self.n_shots}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 or None, got {self.max_new_tokens}")
+
+    def _seed(self) -> int:
+        return 0 if self.random_state is None else int(self.random_state)
+
+    def _loaded(self) -> LoadedModel:
+        try:
+            return load_model(
+                self.model_path,
+                dtype=self.dtype,
+                yarn_factor=self.yarn_factor,
+                attention_query_chunk=self.attention_query_chunk,
+            )
+        except FileNotFoundError as error:
+            raise ModelLoadError(str(error)) from error
+
+    # ----------------------------------------------------------------------- fit
+
+    def fit(self, X: Any, y: Any) -> MLLMClassifier:
+        """Checks and stores the examples; loads the model (cached between instances).
+
+        X: [shots, features] DataFrame or array (numbers, text, NaN); y: [shots] labels
+        (any sortable values, at most 10 classes).
+        """
+        self._check_params()
+        frame = as_frame(X, "X")
+        classes, codes = check_labels(y, len(frame))
+        check_finite(frame, "X")
+        # scikit-learn's convention: feature_names_in_ only for string column names.
+        if isinstance(X, pd.DataFrame) and all(isinstance(c, str) for c in frame.columns):
+            self.feature_names_in_ = np.asarray(frame.columns, dtype=object)
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        self.n_features_in_ = frame.shape[1]
+        self.feature_columns_ = list(frame.columns)
+        self.columns_by_name_ = isinstance(X, pd.DataFrame)
+
+        rows = np.arange(len(frame))
+        if self.n_shots is not None and self.n_shots < len(frame):
+            rows = np.random.default_rng((self._seed(), 0)).choice(
+                len(frame), self.n_shots, replace=False
+            )
+        shots = frame.iloc[rows].reset_index(drop=True)
+        self.used_columns_ = drop_empty_columns(shots, self.empty_columns, "X")
+        self.shots_ = shots[self.used_columns_]
+        self.shot_codes_ = codes[rows]
+        self.classes_ = classes
+        counts = np.bincount(self.shot_codes_, minlength=len(classes))
+        self.default_code_ = int(np.argmax(counts))
+        self._loaded()
+        return self
+
+    # ------------------------------------------------------------------- predict
+
+    def _test_frame(self, X: Any) -> pd.DataFrame:
+        check_is_fitted(self, "classes_")
+        frame = as_frame(X, "X")
+        by_name = self.columns_by_name_ and isinstance(X, pd.DataFrame)
+        frame = align_columns(frame, self.feature_columns_, by_name, "X")
+        check_finite(frame, "X")
+        return frame[self.used_columns_]
+
+    def _member(self, member: int, test: pd.DataFrame):
+        """(shots, codes, test) of ensemble member `member` (0 = as given)."""
+        shots, codes = self.shots_, self.shot_codes_
+        if member == 0:
+            return shots, codes, test
+        rng = np.random.default_rng((self._seed(), 1, member))
+        rows = rng.permutation(len(shots))
+        columns = [shots.columns[j] for j in rng.permutation(shots.shape[1])]
+        return shots.iloc[rows][columns].reset_index(drop=True), codes[rows], test[columns]
+
+    def _max_new_tokens(self, loaded: LoadedModel, rows: int) -> int:
+        if self.max_new_tokens is not None:
+            return int(self.max_new_tokens)
+        answer = len(answer_frame(loaded.prompt_tokenizer, rows).ids) + 3  # label, "}]", eos
+        return -(-(int(answer * 1.25) + 16) // 64) * 64  # a few budgets -> a few compilations
+
+    def predict_details(self, X: Any) -> Prediction:
+        """Probabilities plus how each row was read, generated texts and timings."""
+        start = time.perf_counter()
+        self._check_params()
+        test = self._test_frame(X)
+        loaded = self._loaded()
+        settings = RunSettings(self.batch_size, self.prefill_chunk)
+        n_classes = len(self.classes_)
+        total = np.zeros((len(test), n_classes), np.float64)
+        sources, answers, tokens = [], [], 0
+        with _progress(self.verbose, len(test) * self.n_ensembles) as advance:
+            for member in range(self.n_ensembles):
+                shots, codes, member_test = self._member(member, test)
+                prompt = build_chunked_prompt(
+                    loaded.prompt_tokenizer,
+                    shots,
+                    codes,
+                    member_test,
+                    chunk_size=self.chunk_size,
+                    prompt_format=self.prompt_format,  # type: ignore[arg-type]
+                    style=self.style,  # type: ignore[arg-type]
+                    clip_max=self.clip_max,
+                )
+                tokens += len(prompt.prefix) + sum(len(q) for q in prompt.queries)
+                if self.mode == "score":
+                    log_probs = score_prompt(loaded, prompt, n_classes, settings, advance)
+                    proba = np.exp(log_probs.astype(np.float64))
+                    sources.append(("scored",) * len(test))
+                    answers.append(())
+                else:
+                    proba, member_sources, texts = self._generate(
+                        loaded, prompt, n_classes, settings, advance
+                    )
+                    sources.append(member_sources)
+                    answers.append(texts)
+                total += proba / proba.sum(axis=1, keepdims=True)
+        proba = total / self.n_ensembles
+        proba /= proba.sum(axis=1, keepdims=True)
+        return Prediction(
+            proba, tuple(sources), tuple(answers), tokens, time.perf_counter() - start
+        )
+
+    def _generate(self, loaded, prompt, n_classes, settings, advance):
+        budget = self._max_new_tokens(loaded, max(len(r) for r in prompt.rows))
+        chunks = generate_prompt(loaded, prompt, n_classes, budget, settings, advance)
+        texts_of: dict[int, str] = {}
+
+        def text(token: int) -> str:
+            if token not in texts_of:
+                texts_of[token] = loaded.tokenizer.decode([token], skip_special_tokens=False)
+            return texts_of[token]
+
+        proba = np.zeros((prompt.rows[-1].stop, n_classes), np.float64)
+        sources: list[Source] = []
+        answers = []
+        for chunk, rows in zip(chunks, prompt.rows, strict=True):
+            token_texts = [text(int(t)) for t in chunk.tokens]
+            read = read_answer(
+                token_texts, chunk.label_log_probs, len(rows), n_classes, self.default_code_
+            )
+            proba[rows.start : rows.stop] = read.proba
+            sources.extend(read.sources)
+            answers.append("".join(token_texts))
+        return proba, tuple(sources), tuple(answers)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """f64[n, len(classes_)] class probabilities (rows sum to 1)."""
+        return self.predict_details(X).proba
+
+    def predict(self, X: Any) -> np.ndarray:
+        """[n] the most probable class of each row (ties: the first in `classes_`)."""
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+class _progress:
+    """A rich progress bar over test rows when `enabled`; yields an `advance(n)` callable."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total = enabled, total
+        self.bar: Any = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.bar = Progress(
+            "[bold]predict", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        )
+        self.bar.start()
+        task = self.bar.add_task("rows", total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()

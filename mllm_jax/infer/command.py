@@ -1,0 +1,129 @@
+"""`mllm-jax predict`: classify the rows of a CSV with a model, given a training CSV.
+
+Kept apart from `mllm_jax/cli.py` so the CLI stays light: JAX and the model load only
+when the command runs. The output CSV has one row per test row: `proba_<class>` for
+every class seen in the training file and `prediction`; when the test file has the
+target column, also `label` (its values) and, on stderr, the accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+
+from mllm_jax.eval.datasets import MISSING_MARKERS, DatasetError, load_csv
+from mllm_jax.infer.classifier import MLLMClassifier
+
+USAGE_ERRORS = (FileNotFoundError, ValueError)
+"""Bad input (files, columns, labels, options, context length): exit status 2."""
+
+
+def read_test_csv(path: Path) -> pd.DataFrame:
+    """The test table as pandas reads it with the evaluation's missing-value markers."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        frame = pd.read_csv(path, na_values=list(MISSING_MARKERS), low_memory=False)
+    except pd.errors.EmptyDataError as error:
+        raise DatasetError(f"{path}: empty file, not a CSV table") from error
+    except (UnicodeDecodeError, pd.errors.ParserError, OSError, EOFError) as error:
+        raise DatasetError(f"{path}: not a readable CSV file ({error})") from error
+    if len(frame) == 0:
+        raise DatasetError(f"{path}: the table has a header but no rows")
+    return frame
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
+    """Writes to a temporary file next to `path`, then renames it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            frame.to_csv(handle, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def predict_command(
+    model: Path,
+    train: Path,
+    test: Path,
+    out: Path,
+    target: str = "label",
+    metrics: Path | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Fits `MLLMClassifier(model, **options)` on `train` and writes predictions for `test`.
+
+    Returns the summary also printed as one JSON line on stderr (and appended to
+    `metrics` when given).
+    """
+    console = Console(stderr=True)
+    dataset = load_csv(train, target)
+    console.print(dataset.describe())
+    frame = read_test_csv(test)
+    truth = None
+    if target in frame.columns:
+        truth = frame[target]
+        frame = frame.drop(columns=[target])
+    features = dataset.features
+    missing = [c for c in features.columns if c not in frame.columns]
+    extra = [c for c in frame.columns if c not in set(features.columns)]
+    if missing or extra:
+        raise DatasetError(
+            f"{test}: columns differ from the training file {train}: missing {missing}, "
+            f"unexpected {extra}"
+        )
+    classes = dataset.classes
+    clf = MLLMClassifier(str(model), verbose=True, **options)
+    clf.fit(features, classes[dataset.labels])
+    details = clf.predict_details(frame[list(features.columns)])
+    predictions = clf.classes_[np.argmax(details.proba, axis=1)]
+
+    columns: dict[str, Any] = {
+        f"proba_{c}": details.proba[:, j] for j, c in enumerate(clf.classes_.tolist())
+    }
+    columns["prediction"] = predictions
+    summary: dict[str, Any] = {
+        "name": "predict",
+        "model": str(model),
+        "train": str(train),
+        "test": str(test),
+        "rows": len(frame),
+        "classes": len(classes),
+        "mode": clf.mode,
+        "seconds": round(details.seconds, 3),
+        "rows_per_second": round(len(frame) / details.seconds, 3) if details.seconds else None,
+        "prompt_tokens": details.prompt_tokens,
+    }
+    if truth is not None:
+        columns["label"] = truth.to_numpy()
+        known = truth.isin(list(clf.classes_)).to_numpy()
+        unseen = sorted({str(v) for v in truth[~known & truth.notna().to_numpy()]})
+        if unseen:
+            console.print(
+                f"[yellow]warning: {test} holds labels never seen in {train}: {unseen}; "
+                f"they can never be predicted ({int((~known).sum())} rows count as errors)"
+            )
+        summary["accuracy"] = float(np.mean(predictions.astype(object) == truth.to_numpy()))
+        summary["unseen_label_rows"] = int((~known).sum())
+    if clf.mode == "generate":
+        flat = [s for member in details.sources for s in member]
+        summary["sources"] = {s: flat.count(s) for s in sorted(set(flat))}
+    write_csv_atomic(pd.DataFrame(columns), out)
+    line = json.dumps(summary)
+    console.print(line, markup=False, highlight=False)
+    if metrics is not None:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        with metrics.open("a") as handle:
+            handle.write(line + "\n")
+    return summary

@@ -1,0 +1,238 @@
+"""The host side of inference: batches chunks, pads to shape buckets, calls the engine.
+
+Shapes are rounded up (prefix to whole prefill chunks, query parts to multiples of 256
+tokens, the batch to `batch_size` rows by repeating a chunk) so that a run over many
+tables compiles a handful of programs instead of one per table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from mllm_jax.infer.engine import MAX_LABELS, generate_chunks, prefill_prefix, score_chunks
+from mllm_jax.infer.loading import LoadedModel
+from mllm_jax.infer.prompts import AnswerFrame, ChunkedPrompt, answer_frame
+from mllm_jax.model import KVCache
+
+QUERY_BUCKET = 256
+"""Query parts are padded to a multiple of this many tokens."""
+
+Progress = Callable[[int], None]
+"""Called with the number of test rows just finished."""
+
+
+class ContextLengthError(ValueError):
+    """A prompt longer than the model's context window."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """How to run a prompt on the device.
+
+    batch_size: chunks of test rows per model call. prefill_chunk: prompt tokens per
+    model call while prefilling (bounds activation memory). reuse_prefix: False runs
+    the whole prompt for every chunk (the reference's way; for the benchmark).
+    """
+
+    batch_size: int = 4
+    prefill_chunk: int = 2048
+    reuse_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedChunk:
+    """One chunk's free-generation answer.
+
+    tokens: i32[n] generated ids, end-of-sequence token excluded. label_log_probs:
+    f32[n, K] log-probabilities of the K label tokens at each generated position.
+    ended: the model closed its answer (end-of-sequence) within the token budget.
+    """
+
+    tokens: np.ndarray
+    label_log_probs: np.ndarray
+    ended: bool
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def query_width(longest: int, chunk: int) -> int:
+    """Padded width of the query parts: a multiple of QUERY_BUCKET, and of `chunk` above it."""
+    width = _round_up(longest, QUERY_BUCKET)
+    return width if width <= chunk else _round_up(longest, chunk)
+
+
+def check_context(loaded: LoadedModel, needed: int, what: str) -> None:
+    """Raises ContextLengthError when `needed` positions exceed the model's limit."""
+    limit = loaded.context_limit
+    if needed > limit:
+        scaling = loaded.config.rope_scaling
+        hint = (
+            "use fewer shots or fewer test rows per chunk"
+            if scaling is not None
+            else "use fewer shots or fewer test rows per chunk, or switch YaRN rope scaling on "
+            "(yarn_factor=4, as the reference served MachineLearningLM-7B-v1 at 131,072)"
+        )
+        raise ContextLengthError(
+            f"{what} needs {needed:,} tokens, over the model's context limit of {limit:,} "
+            f"positions ({loaded.source}); {hint}"
+        )
+
+
+def _left_pad(rows: Sequence[np.ndarray], width: int, start: int, pad_id: int):
+    """(ids, positions, segments) i32[len(rows), width]; positions of real tokens start
+    at `start`."""
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    positions = np.zeros((len(rows), width), np.int32)
+    segments = np.zeros((len(rows), width), np.int32)
+    for r, row in enumerate(rows):
+        n = len(row)
+        ids[r, width - n :] = row
+        positions[r, width - n :] = start + np.arange(n)
+        segments[r, width - n :] = 1
+    return jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(segments)
+
+
+def prefill(loaded: LoadedModel, prefix: np.ndarray, chunk: int) -> KVCache:
+    """The prefix in a batch-1 cache, left-padded to a whole number of `chunk` tokens."""
+    width = _round_up(len(prefix), chunk)
+    ids, positions, segments = _left_pad([prefix], width, 0, loaded.prompt_tokenizer.pad_id)
+    return prefill_prefix(loaded.graphdef, loaded.state, ids, positions, segments, chunk=chunk)
+
+
+def _batches(prompt: ChunkedPrompt, batch_size: int) -> list[list[int]]:
+    order = list(range(len(prompt.queries)))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _queries(
+    loaded: LoadedModel,
+    prompt: ChunkedPrompt,
+    chunks: list[int],
+    settings: RunSettings,
+    prefix: KVCache | None,
+    drop_tail: int = 0,
+):
+    """Padded query arrays for a batch (full prompts when the prefix is not reused)."""
+    rows = [prompt.queries[c][: len(prompt.queries[c]) - drop_tail] for c in chunks]
+    if prefix is None:
+        rows = [np.concatenate([prompt.prefix, r]) for r in rows]
+    rows += [rows[0]] * (settings.batch_size - len(rows))  # fixed batch shape
+    width = query_width(max(len(r) for r in rows), settings.prefill_chunk)
+    start = 0 if prefix is None else len(prompt.prefix)
+    return _left_pad(rows, width, start, loaded.prompt_tokenizer.pad_id)
+
+
+def _label_tokens(loaded: LoadedModel) -> jnp.ndarray:
+    return jnp.asarray(loaded.prompt_tokenizer.digit_ids[:MAX_LABELS], jnp.int32)
+
+
+def score_prompt(
+    loaded: LoadedModel,
+    prompt: ChunkedPrompt,
+    n_classes: int,
+    settings: RunSettings = RunSettings(),
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Label log-probabilities of every test row, slot by slot (see `engine.score_chunks`).
+
+    Returns f32[n_test, n_classes].
+    """
+    if not 1 <= n_classes <= MAX_LABELS:
+        raise ValueError(f"label scoring takes 1 to {MAX_LABELS} classes, got {n_classes}")
+    frame: AnswerFrame = answer_frame(
+        loaded.prompt_tokenizer, max(len(rows) for rows in prompt.rows)
+    )
+    step_ids, step_segments = frame.steps(loaded.prompt_tokenizer.pad_id)
+    answer = len(frame.ids) - len(frame.head) + 1
+    longest = max(len(q) for q in prompt.queries)
+    check_context(loaded, len(prompt.prefix) + longest + answer, "the prompt of a chunk")
+
+    prefix = (
+        prefill(loaded, prompt.prefix, settings.prefill_chunk) if settings.reuse_prefix else None
+    )
+    label_tokens = _label_tokens(loaded)
+    out = np.zeros((prompt.rows[-1].stop, n_classes), np.float32)
+    for chunks in _batches(prompt, settings.batch_size):
+        ids, positions, segments = _queries(loaded, prompt, chunks, settings, prefix)
+        log_probs = score_chunks(
+            loaded.graphdef,
+            loaded.state,
+            prefix,
+            ids,
+            positions,
+            segments,
+            jnp.asarray(step_ids),
+            jnp.asarray(step_segments),
+            label_tokens,
+            jnp.int32(n_classes),
+            chunk=settings.prefill_chunk,
+        )
+        log_probs = np.asarray(log_probs)
+        for b, c in enumerate(chunks):
+            rows = prompt.rows[c]
+            out[rows.start : rows.stop] = log_probs[b, : len(rows), :n_classes]
+            if progress is not None:
+                progress(len(rows))
+    return out
+
+
+def generate_prompt(
+    loaded: LoadedModel,
+    prompt: ChunkedPrompt,
+    n_classes: int,
+    max_new_tokens: int,
+    settings: RunSettings = RunSettings(),
+    progress: Progress | None = None,
+) -> list[GeneratedChunk]:
+    """Greedy free generation of every chunk's answer (one `GeneratedChunk` per chunk)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = max(len(q) for q in prompt.queries) - prompt.answer_head
+    check_context(
+        loaded, len(prompt.prefix) + longest + max_new_tokens, "the prompt of a chunk + answer"
+    )
+    prefix = (
+        prefill(loaded, prompt.prefix, settings.prefill_chunk) if settings.reuse_prefix else None
+    )
+    label_tokens = _label_tokens(loaded)
+    tok = loaded.prompt_tokenizer
+    out: list[GeneratedChunk | None] = [None] * len(prompt.queries)
+    for chunks in _batches(prompt, settings.batch_size):
+        ids, positions, segments = _queries(
+            loaded, prompt, chunks, settings, prefix, drop_tail=prompt.answer_head
+        )
+        tokens, lengths, label_lp = generate_chunks(
+            loaded.graphdef,
+            loaded.state,
+            prefix,
+            ids,
+            positions,
+            segments,
+            jnp.asarray(loaded.eos_ids),
+            jnp.int32(tok.pad_id),
+            label_tokens,
+            jnp.int32(n_classes),
+            chunk=settings.prefill_chunk,
+            max_new_tokens=max_new_tokens,
+        )
+        tokens, lengths, label_lp = np.asarray(tokens), np.asarray(lengths), np.asarray(label_lp)
+        for b, c in enumerate(chunks):
+            n = int(lengths[b])
+            ended = bool(np.isin(tokens[b, n - 1], loaded.eos_ids))
+            keep = n - 1 if ended else n
+            out[c] = GeneratedChunk(tokens[b, :keep], label_lp[b, :keep, :n_classes], ended)
+            if progress is not None:
+                progress(len(prompt.rows[c]))
+    return [chunk for chunk in out if chunk is not None]

@@ -182,3 +182,37 @@ def test_prompt_test_rows_decode_to_the_encoded_integers():
     decoded_train = np.array([[int(v) for v in line.split(",")] for line, _ in train_rows])
     np.testing.assert_array_equal(decoded_train, encode_table(X[:200], X[200:250]).train)
     assert [int(label) for _, label in train_rows] == y[:200].tolist()
+
+
+def test_task_batch_path_equals_per_task():
+    from dataclasses import dataclass
+
+    from mllm_jax.data.tasks import Task
+    from mllm_jax.encoding.numbers import encode_task_batch
+
+    @dataclass
+    class PaddedTasks:  # the fields of mllm_jax.prior.TaskBatch this path reads
+        X: np.ndarray
+        n_train: np.ndarray
+        n_features: np.ndarray
+        valid: np.ndarray
+
+        def to_tasks(self):
+            return [
+                Task(self.X[i, :, : self.n_features[i]], np.zeros(self.X.shape[1], np.int32),
+                     2, int(self.n_train[i]), np.zeros(self.n_features[i], bool), "mlp", 0, i)
+                for i in np.flatnonzero(self.valid)
+            ]  # fmt: skip
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(4, 50, 7)).astype(np.float32)
+    n_features = np.array([7, 3, 5, 6])
+    for i, nf in enumerate(n_features):
+        X[i, :, nf:] = 0
+    batch = PaddedTasks(X, np.array([30, 10, 0, 49]), n_features, np.array([1, 1, 0, 1], bool))
+    encoded = encode_task_batch(batch)
+    for task in batch.to_tasks():
+        i, t = task.index, task.n_train
+        a, b = encode_numeric(task.X[:t], task.X[t:])
+        np.testing.assert_array_equal(encoded[i, :t, : task.n_features], a)
+        np.testing.assert_array_equal(encoded[i, t:, : task.n_features], b)

@@ -19,6 +19,7 @@ results agree with it bit for bit, not merely within a tolerance.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -142,3 +143,23 @@ def encode_padded(X: np.ndarray, is_train: np.ndarray, clip_max: int | None = No
     shown = np.where(is_train[..., None], X, np.nan)
     mean, std = column_statistics(shown, axis=1)
     return apply_encoding(X, mean, std, clip_max)
+
+
+def encode_task_batch(batch: Any, clip_max: int | None = None) -> np.ndarray:
+    """Encodes every task of a prior ``TaskBatch`` with its own train split's statistics.
+
+    Args:
+        batch: a ``mllm_jax.prior.TaskBatch`` (anything with ``X`` f32[count, rows,
+            features], ``n_train`` i32[count] and optionally ``valid`` bool[count]).
+        clip_max: upper clip, as in :func:`encode_numeric`.
+
+    Returns:
+        i64[count, rows, features]; rows < n_train of a task are its train split. Padding
+        columns and invalid tasks hold meaningless values.
+    """
+    X = np.asarray(batch.X)
+    n_train = np.asarray(batch.n_train)
+    valid = np.asarray(getattr(batch, "valid", np.ones(len(n_train), dtype=bool)), dtype=bool)
+    is_train = np.arange(X.shape[1])[None, :] < n_train[:, None]
+    is_train[~valid] = True  # an invalid task's zeros still get (unused) statistics
+    return encode_padded(X, is_train, clip_max)

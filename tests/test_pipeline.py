@@ -1,0 +1,262 @@
+"""The grain pipeline: format, answers and statistics, consensus, host sharding, resume."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from mllm_jax.data.pipeline import (
+    PipelineConfig,
+    build_pipeline,
+    iterator_state,
+    restore_iterator_state,
+)
+from mllm_jax.data.tasks import Task, encode_task
+from mllm_jax.encoding.prompt import SYSTEM_PROMPT
+from mllm_jax.encoding.sampling import SamplingConfig, TaskEncodingError
+from mllm_jax.encoding.tokens import PromptTokenizer, load_backend_tokenizer
+
+N_TASKS = 40
+SAMPLING = SamplingConfig(min_shots=8, max_shots=64, max_queries=10, token_budget=4096)
+
+
+def make_task(rng, index):
+    """Task ``index`` has 5 + index features (so a prompt names its task) and labels
+    0/1 on consensus rows, 2 on the others."""
+    rows = int(rng.integers(40, 120))
+    n_features = 5 + index
+    X = rng.normal(size=(rows, n_features)).astype(np.float32) * 3 + 1
+    consensus = rng.random(rows) < 0.8
+    consensus[:3] = True
+    consensus[-3:] = True
+    y = np.where(consensus, rng.integers(0, 2, rows), 2).astype(np.int32)
+    categorical = np.zeros(n_features, dtype=bool)
+    return Task(X, y, 3, int(rows * 0.7), categorical, "mlp", 11, index, consensus=consensus)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    tasks = [make_task(rng, i) for i in range(N_TASKS)]
+    paths = []
+    for s in range(2):
+        path = root / f"tasks-{s:05d}.array_record"
+        writer = ArrayRecordWriter(str(path), "group_size:1")
+        for task in tasks[s::2]:
+            writer.write(encode_task(task))
+        writer.close()
+        paths.append(path)
+    return paths, {t.n_features: t for t in tasks}
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return load_backend_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def fast(backend):
+    return PromptTokenizer(backend)
+
+
+def pipeline(shards, fast, **overrides):
+    paths, _ = shards
+    settings = {"sampling": SAMPLING, "seq_len": 4096, "batch_size": 2, "packing_bins": 4}
+    settings.update(overrides)
+    seed = settings.pop("seed", 3)
+    hosts = settings.pop("hosts", (0, 1))
+    config = PipelineConfig(**settings)
+    return build_pipeline(
+        paths, config, seed=seed, process_index=hosts[0], process_count=hosts[1], tokenizer=fast
+    )
+
+
+def segments(batch):
+    """Yields (row, start, stop) of every packed sequence in a batch."""
+    for r, seg in enumerate(batch["segment_ids"]):
+        for s in range(1, int(seg.max()) + 1):
+            where = np.flatnonzero(seg == s)
+            assert (np.diff(where) == 1).all()
+            yield r, int(where[0]), int(where[-1]) + 1
+
+
+def parse(text):
+    """(n_features, label set, train rows, train labels, answer ids/labels) of a prompt."""
+    n_features = int(re.search(r"Each sample = (\d+) features", text).group(1))
+    classes = json.loads(re.search(r"Label set = (\[[\d, ]*\])", text).group(1))
+    train = re.findall(r"^([\d,]+)\|(\d+)$", text, flags=re.M)
+    rows = np.array([[int(v) for v in line.split(",")] for line, _ in train])
+    labels = [int(label) for _, label in train]
+    return n_features, classes, rows, labels
+
+
+def test_batches_hold_whole_valid_sequences(shards, fast, backend):
+    _, tasks = shards
+    it = iter(pipeline(shards, fast))
+    checked = 0
+    for _ in range(3):
+        batch = next(it)
+        assert set(batch) == {"input_ids", "targets", "loss_mask", "segment_ids", "positions"}
+        assert all(v.shape == (2, 4096) for v in batch.values())
+        for r, start, stop in segments(batch):
+            ids = batch["input_ids"][r, start:stop]
+            text = backend.decode(ids.tolist(), skip_special_tokens=False)
+            assert text.startswith(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n")
+            assert text.endswith("<|im_end|>\n")
+            # canonical: the ids are exactly what the tokenizer makes of this text
+            assert backend.encode(text, add_special_tokens=False).ids == ids.tolist()
+            np.testing.assert_array_equal(
+                batch["positions"][r, start:stop], np.arange(stop - start)
+            )
+            np.testing.assert_array_equal(batch["targets"][r, start : stop - 1], ids[1:])
+
+            mask = batch["loss_mask"][r, start:stop]
+            answer = backend.decode(
+                batch["targets"][r, start:stop][mask].tolist(), skip_special_tokens=False
+            )
+            assert answer.endswith("<|im_end|>")
+            records = json.loads(answer.removesuffix("<|im_end|>"))
+            assert text.endswith(f"<|im_start|>assistant\n{answer}\n")
+            assert [r_["id"] for r_ in records] == list(range(len(records)))
+            assert 1 <= len(records) <= SAMPLING.max_queries
+
+            n_features, classes, rows, labels = parse(text)
+            task = tasks[n_features]
+            assert rows.shape[1] == n_features and 1 <= len(rows) <= SAMPLING.max_shots
+            assert classes == sorted(set(labels))
+            assert set(labels) <= set(task.y[: task.n_train].tolist())
+            assert len(batch["input_ids"][r, start:stop]) <= SAMPLING.token_budget
+            if len(rows) >= 8:
+                # statistics come from the shots shown: each column's z-scores over the
+                # shots have mean 0 and std 1, so the printed values (truncated) have a
+                # mean in (499, 500] and a std within a unit of 120.
+                clean = rows[:, (rows > 0).all(axis=0)]
+                assert ((clean.mean(axis=0) > 499) & (clean.mean(axis=0) <= 500)).all()
+                assert np.allclose(clean.std(axis=0, ddof=1), 120, atol=1.0)
+            checked += 1
+    assert checked >= 6
+
+
+def labels_seen(dataset, backend):
+    seen = set()
+    for batch in dataset:
+        for r, start, stop in segments(batch):
+            text = backend.decode(batch["input_ids"][r, start:stop].tolist())
+            seen |= set(parse(text)[1])
+            seen |= {int(v) for v in re.findall(r'"label": (\d+)', text)}
+    return seen
+
+
+def test_consensus_only_uses_consensus_rows(shards, fast, backend):
+    warmup = SamplingConfig(**{**SAMPLING.__dict__, "consensus_only": True})
+    assert labels_seen(pipeline(shards, fast, sampling=warmup, num_epochs=1), backend) == {0, 1}
+    assert 2 in labels_seen(pipeline(shards, fast, num_epochs=1), backend)
+
+
+def test_hosts_read_disjoint_halves(shards, fast, backend):
+    per_host = []
+    for host in range(2):
+        features = []
+        for batch in pipeline(shards, fast, num_epochs=1, batch_size=1, hosts=(host, 2)):
+            for r, start, stop in segments(batch):
+                text = backend.decode(batch["input_ids"][r, start:stop].tolist())
+                features.append(parse(text)[0])
+        per_host.append(features)
+    assert len(per_host[0]) == len(set(per_host[0])) == N_TASKS // 2
+    assert len(per_host[1]) == len(set(per_host[1])) == N_TASKS // 2
+    assert set(per_host[0]) | set(per_host[1]) == {5 + i for i in range(N_TASKS)}
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_restored_iterator_yields_the_uninterrupted_batches(shards, fast):
+    # 40 tasks per epoch on one host, ~5 sequences per batch: 14 batches cross an epoch.
+    it = iter(pipeline(shards, fast))
+    head = [next(it) for _ in range(6)]
+    state = iterator_state(it)
+    assert isinstance(state, bytes)
+    json.loads(state)
+    tail = [next(it) for _ in range(8)]
+
+    resumed = iter(pipeline(shards, fast))
+    restore_iterator_state(resumed, state)
+    assert_same_batches([next(resumed) for _ in range(8)], tail)
+
+    again = iter(pipeline(shards, fast))
+    assert_same_batches([next(again) for _ in range(6)], head)
+    other_seed = iter(pipeline(shards, fast, seed=4))
+    assert not np.array_equal(next(other_seed)["input_ids"], head[0]["input_ids"])
+
+
+def test_each_epoch_draws_new_shots(tmp_path, fast):
+    path = tmp_path / "one.array_record"
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    writer.write(encode_task(make_task(np.random.default_rng(1), 3)))
+    writer.close()
+    config = PipelineConfig(SAMPLING, seq_len=4096, batch_size=1, packing_bins=1, num_epochs=3)
+    rows = list(build_pipeline([path], config, seed=0, process_index=0, process_count=1,
+                               tokenizer=fast))  # fmt: skip
+    sequences = [
+        batch["input_ids"][r, start:stop].tolist()
+        for batch in rows
+        for r, start, stop in segments(batch)
+    ]
+    assert len(sequences) == 3  # one per epoch
+    assert len({tuple(s) for s in sequences}) == 3
+
+
+def test_bad_input_gets_clear_errors(shards, fast, tmp_path):
+    paths, tasks = shards
+    with pytest.raises(ValueError, match="shorter than the token budget"):
+        PipelineConfig(SAMPLING, seq_len=1024)
+    with pytest.raises(FileNotFoundError, match="missing.array_record"):
+        build_pipeline([tmp_path / "missing.array_record"], PipelineConfig(SAMPLING, seq_len=4096),
+                       seed=0, process_index=0, process_count=1, tokenizer=fast)  # fmt: skip
+    with pytest.raises(ValueError, match="seed"):
+        build_pipeline(paths, PipelineConfig(SAMPLING, seq_len=4096), seed=-1,
+                       process_index=0, process_count=1, tokenizer=fast)  # fmt: skip
+
+    tight = SamplingConfig(min_shots=8, max_shots=64, max_queries=10, token_budget=600)
+    with pytest.raises(TaskEncodingError, match="over the token budget of 600"):
+        next(iter(pipeline(shards, fast, sampling=tight, seq_len=600)))
+
+    task = tasks[5]
+    consensus = task.consensus.copy()
+    consensus[task.n_train :] = False
+    no_queries = Task(task.X, task.y, 3, task.n_train, task.categorical, "mlp", 11, 999,
+                      consensus=consensus)  # fmt: skip
+    path = tmp_path / "bad.array_record"
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    writer.write(encode_task(no_queries))
+    writer.close()
+    warmup = SamplingConfig(**{**SAMPLING.__dict__, "consensus_only": True})
+    config = PipelineConfig(warmup, seq_len=4096)
+    dataset = build_pipeline([path], config, seed=0, process_index=0, process_count=1,
+                             tokenizer=fast)  # fmt: skip
+    with pytest.raises(
+        TaskEncodingError, match=r"index=999\) has no test rows among its consensus"
+    ):
+        next(iter(dataset))
+
+
+@pytest.mark.slow
+def test_worker_processes_resume_exactly(shards, fast):
+    it = iter(pipeline(shards, fast, worker_count=2))
+    head = [next(it) for _ in range(4)]
+    state = iterator_state(it)
+    tail = [next(it) for _ in range(6)]
+    it.close()
+    resumed = iter(pipeline(shards, fast, worker_count=2))
+    restore_iterator_state(resumed, state)
+    got = [next(resumed) for _ in range(6)]
+    resumed.close()
+    assert_same_batches(got, tail)
+    assert head

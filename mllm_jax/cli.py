@@ -114,6 +114,10 @@ def predict(
     dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of shot draws and shuffles.")] = 0,
     yarn_factor: Annotated[float | None, typer.Option(help="YaRN factor for long prompts.")] = None,
+    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per model call.")] = 2048,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Generation budget per prompt (generate mode).")
+    ] = None,
     metrics: Annotated[Path | None, typer.Option(help="Append the summary JSON line here.")] = None,
 ) -> None:
     """Classify the rows of a CSV by in-context learning from a training CSV."""
@@ -136,10 +140,38 @@ def predict(
             dtype=dtype,
             random_state=seed,
             yarn_factor=yarn_factor,
+            prefill_chunk=prefill_chunk,
+            max_new_tokens=max_new_tokens,
         )
     except USAGE_ERRORS as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
+
+
+@app.command("stats")
+def stats(
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", help="Directory of *.csv / *.csv.gz with a label column.")
+    ] = Path("/work/shared/data"),
+    out: Annotated[Path, typer.Option("--out", help="Writes stats.jsonl and stats.png.")] = Path(
+        "runs/stats"
+    ),
+    rows: Annotated[int, typer.Option(help="Rows sampled per dataset.")] = 512,
+    context: Annotated[int, typer.Option(help="Context length in tokens.")] = 32000,
+    seed: Annotated[int, typer.Option(help="Seed of the row sample.")] = 0,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Local checkpoint with tokenizer.json (default: packaged).")
+    ] = None,
+) -> None:
+    """Tokens per row and rows per context: our encoding vs plain CSV, on real datasets."""
+    from mllm_jax.encoding.stats import run_stats
+    from mllm_jax.encoding.tokens import PromptTokenizer, load_backend_tokenizer
+
+    if not data_dir.is_dir():
+        typer.echo(f"error: data directory {data_dir} does not exist", err=True)
+        raise typer.Exit(2)
+    tokenizer = PromptTokenizer(load_backend_tokenizer(model_dir))
+    run_stats(data_dir, out, tokenizer, rows=rows, context=context, seed=seed)
 
 
 @app.command("demo")

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
-from mllm_jax.model import init_model, load_hf, preset
+from mllm_jax.model import KVCache, init_model, load_hf, preset
 from mllm_jax.model.testing import save_hf_model
 from mllm_jax.train.mesh import ShardingRules, logical_to_spec, make_mesh
 
@@ -81,3 +81,13 @@ def test_init_model_straight_into_shardings():
     np.testing.assert_array_equal(
         np.asarray(up), np.asarray(reference.layers[1].mlp.up_proj.kernel[...])
     )
+
+
+def test_kv_cache_shardings_follow_the_rules():
+    mesh = make_mesh(data=2, fsdp=1, tensor=4)
+    cache = KVCache.create(preset("tiny"), batch=4, max_len=8)
+    placed = jax.device_put(cache, cache.shardings(mesh))
+    # 2 KV heads cannot go over tensor=4: replicated by rule; batch over data x fsdp.
+    assert placed.keys[0].sharding.spec == PartitionSpec(("data", "fsdp"), None, None, None)
+    assert placed.positions.sharding.spec == PartitionSpec(("data", "fsdp"), None)
+    assert placed.keys[1].addressable_shards[0].data.shape == (2, 8, 2, 16)

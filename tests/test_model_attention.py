@@ -111,15 +111,9 @@ def test_splash_backend_matches_xla_in_interpret_mode():
 def test_accelerator_backends_refuse_the_wrong_platform():
     q, k, v = _qkv(3)
     pos, seg = _packed_segments()
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     with pytest.raises(RuntimeError, match="'cudnn' needs a GPU"):
-        _xla(
-            q.astype(jnp.bfloat16),
-            k.astype(jnp.bfloat16),
-            v.astype(jnp.bfloat16),
-            pos,
-            seg,
-            backend="cudnn",
-        )
+        _xla(*bf16, pos, seg, backend="cudnn", self_attention=True)
     with pytest.raises(RuntimeError, match="'splash' needs a TPU"):
         _xla(q, k, v, pos, seg, backend="splash", self_attention=True)
     with pytest.raises(ConfigError, match="attention_backend 'flash'"):
@@ -127,3 +121,13 @@ def test_accelerator_backends_refuse_the_wrong_platform():
     model = init_model(preset("tiny", attention_backend="splash"))
     with pytest.raises(RuntimeError, match="'splash' needs a TPU"):
         jax.eval_shape(lambda ids: model(ids), jnp.ones((1, 8), jnp.int32))
+
+
+def test_cached_calls_run_dense_whatever_the_backend():
+    """With a cache the keys are not the query tokens; the kernels' index-causal masks
+    would be wrong, so those calls take the XLA path (and work on CPU)."""
+    q, k, v = _qkv(4)
+    pos, seg = _packed_segments()
+    ref = _xla(q, k, v, pos, seg)
+    for backend in ("cudnn", "splash"):
+        np.testing.assert_array_equal(_xla(q, k, v, pos, seg, backend=backend), ref)

@@ -97,9 +97,9 @@ def test_chunked_prefill_and_query_chunks_equal_full(setup):
 def test_prefix_reuse_equals_full_recomputation(setup):
     model, *_ = setup
     prefix = _ids(13, 5)
-    queries = _ids((3, 6), 6)
-    query_seg = np.ones((3, 6), np.int32)
-    query_seg[2, 4:] = 0  # a shorter, right-padded query row
+    queries = _ids((2, 6), 6)
+    query_seg = np.ones((2, 6), np.int32)
+    query_seg[1, 4:] = 0  # a shorter, right-padded query row
     cache = nnx.jit(lambda m, p: prefill_prefix(m, p, chunk_size=5))(model, jnp.asarray(prefix))
     assert cache.batch == 1 and cache.max_len == 15
     before = [np.asarray(k) for k in cache.keys]
@@ -116,30 +116,43 @@ def test_prefix_reuse_equals_full_recomputation(setup):
         np.testing.assert_array_equal(k0, np.asarray(k1))  # the prefix cache is read only
 
 
-def test_greedy_generation_matches_transformers_generate(setup):
-    model, torch_model, _ = setup
+def _hf_generate(torch_model, prompt, eos, new):
+    out = torch_model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=new,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def generation_case(setup):
+    """Three prompts of different lengths; row 0's 3rd greedy token is made the
+    end-of-sequence id so that row stops early. Expected outputs from transformers."""
+    _, torch_model, _ = setup
     prompts = [_ids(9, 7).tolist(), _ids(4, 8).tolist(), _ids(6, 9).tolist()]
-    new = 8
+    free = _hf_generate(torch_model, prompts[0], None, 8)
+    eos = free[2]
+    expected = [_hf_generate(torch_model, p, eos, 8) for p in prompts]
+    assert len(expected[0]) == free.index(eos) + 1 < 8
+    return prompts, eos, expected
 
-    def hf_generate(prompt, eos):
-        out = torch_model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=new,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=0,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        )
-        return out[0, len(prompt) :].tolist()
 
-    free = [hf_generate(p, None) for p in prompts]
-    # Make row 0 stop early: its 3rd greedy token becomes the end-of-sequence id.
-    eos = free[0][2]
-    expected = [hf_generate(p, eos) for p in prompts]
-    assert len(expected[0]) < new
-    result = generate_greedy(model, prompts, max_new_tokens=new, eos_token_id=eos, pad_token_id=0)
+def test_greedy_generation_matches_transformers_generate(setup, generation_case):
+    model, *_ = setup
+    prompts, eos, expected = generation_case
+    result = generate_greedy(model, prompts, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
     assert result.as_lists() == expected
-    assert result.lengths[0] == free[0].index(eos) + 1
+    assert result.lengths[0] == len(expected[0])
     assert (result.tokens[0, result.lengths[0] :] == 0).all()
-    chunked = generate_greedy(model, prompts, max_new_tokens=new, eos_token_id=eos, prefill_chunk=4)
+
+
+@pytest.mark.slow
+def test_greedy_generation_with_chunked_prefill(setup, generation_case):
+    model, *_ = setup
+    prompts, eos, expected = generation_case
+    chunked = generate_greedy(model, prompts, max_new_tokens=8, eos_token_id=eos, prefill_chunk=4)
     assert chunked.as_lists() == expected

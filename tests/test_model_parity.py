@@ -52,6 +52,7 @@ def test_float32_logits_match_transformers(checkpoints, name):
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_yarn_changes_logits(checkpoints):
     """The YaRN case would also pass if scaling were ignored only if it had no effect."""
     directory, _ = checkpoints["yarn_mqa"]
@@ -110,6 +111,7 @@ def test_packed_rows_equal_each_sequence_alone(checkpoints):
     assert np.isfinite(np.asarray(out)).all()  # padding rows stay finite
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients(checkpoints):
     directory, _ = checkpoints["untied_gqa2"]
     graphdef, state = nnx.split(load_hf(directory))

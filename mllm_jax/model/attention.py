@@ -10,10 +10,12 @@ Backends:
            matrix for long prompts); grouped-query attention without repeating K/V
            (q is viewed as [B, T, kv_heads, groups, D]). Runs everywhere; the default.
   "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")`: NVIDIA GPU,
-           bfloat16/float16 only. Plain causal self-attention (no segment ids, no
-           cache) uses cuDNN's causal mask; anything else passes the explicit mask.
-  "splash" Pallas splash attention (TPU; `interpret=True` runs it on CPU for tests).
-           Self-attention only (no cache): causal by token index within segments.
+           bfloat16/float16 only. Without segment ids it uses cuDNN's causal mask;
+           packed rows pass the explicit mask (per query chunk, as a bias).
+  "splash" Pallas splash attention (TPU; `interpret=True` runs it on CPU for tests),
+           causal by token index within segments.
+The two kernels serve cache-free self-attention (training, scoring whole sequences);
+calls with a cache or a shared prefix run the "xla" path whatever the backend.
 
 Scores and softmax are float32 whatever the input dtype.
 """
@@ -72,23 +74,19 @@ def attend(
     Returns out: [B, T, H, D] in q's dtype, and with `return_lse` the log-sum-exp of the
     scores f32[B, T, H] (for merging partial attentions with `merge_attention`).
     """
-    if backend == "xla" or (backend in ("cudnn", "splash") and return_lse):
+    if backend not in ("xla", "cudnn", "splash"):
+        raise ValueError(f"unknown attention backend {backend!r} (xla, cudnn, splash)")
+    if backend == "xla" or not self_attention or return_lse:
+        # Cached calls (decode, prefix reuse, prefill into a cache) and partial
+        # attentions to be merged always run dense: the kernels' causal masks are by
+        # token index, and they return no log-sum-exp.
         fn = functools.partial(_xla_attention, query_chunk=query_chunk)
     elif backend == "cudnn":
         fn = functools.partial(
-            _cudnn_attention,
-            query_chunk=query_chunk,
-            plain_causal=self_attention and not segments_given,
+            _cudnn_attention, query_chunk=query_chunk, plain_causal=not segments_given
         )
-    elif backend == "splash":
-        if not self_attention:
-            # A cache makes the keys differ from the queries; splash's index-causal
-            # mask does not apply, so cached calls (decode, prefix reuse) run dense.
-            fn = functools.partial(_xla_attention, query_chunk=query_chunk)
-        else:
-            fn = functools.partial(_splash_attention, interpret=interpret)
     else:
-        raise ValueError(f"unknown attention backend {backend!r} (xla, cudnn, splash)")
+        fn = functools.partial(_splash_attention, interpret=interpret)
     out, lse = fn(q, k, v, q_positions, q_segment_ids, kv_positions, kv_segment_ids, scale)
     return (out, lse) if return_lse else out
 

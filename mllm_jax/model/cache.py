@@ -15,6 +15,9 @@ import jax.numpy as jnp
 
 from mllm_jax.model.config import Qwen2Config
 
+# Logical axis names of the per-layer key / value buffers.
+CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,28 @@ class KVCache:
             positions=jnp.zeros((batch, max_len), jnp.int32),
             segment_ids=jnp.zeros((batch, max_len), jnp.int32),
             length=jnp.zeros((), jnp.int32),
+        )
+
+    def shardings(self, mesh: jax.sharding.Mesh, rules=None) -> KVCache:
+        """A KVCache-shaped tree of NamedShardings (for `jax.device_put` / jit
+        out_shardings): keys/values by the logical axes `CACHE_AXES`, positions and
+        segment ids by (batch, cache_seq), length replicated. rules default to
+        `ShardingRules.default()`."""
+        from mllm_jax.train.mesh import ShardingRules, logical_to_spec
+
+        rules = rules or ShardingRules.default()
+
+        def named(axes: tuple[str, ...], shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
+            return jax.sharding.NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+        kv = named(CACHE_AXES, self.keys[0].shape)
+        meta = named(CACHE_AXES[:2], self.positions.shape)
+        return KVCache(
+            keys=(kv,) * len(self.keys),
+            values=(kv,) * len(self.values),
+            positions=meta,
+            segment_ids=meta,
+            length=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
         )
 
     @property

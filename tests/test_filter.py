@@ -134,11 +134,13 @@ def test_bad_inputs_are_rejections_with_reasons():
         consensus_mask(tiny.X, tiny.y, SMALL)
 
 
-def test_consensus_is_reproducible_and_drops_flipped_labels():
+@pytest.mark.parametrize("method", ["kfold", "oob"])
+def test_consensus_is_reproducible_and_drops_flipped_labels(method):
     X, y, flipped = _rule_task(np.random.default_rng(1), rows=400, noise=0.15)
-    a = consensus_mask(X, y, SMALL, seed=3)
-    b = consensus_mask(X, y, SMALL, seed=3)
-    c = consensus_mask(X, y, SMALL, seed=4)
+    config = dataclasses.replace(SMALL, consensus_method=method, n_estimators=20)
+    a = consensus_mask(X, y, config, seed=3)
+    b = consensus_mask(X, y, config, seed=3)
+    c = consensus_mask(X, y, config, seed=4)
     assert a.dtype == np.bool_ and a.shape == y.shape
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)  # the seed matters

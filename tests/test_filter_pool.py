@@ -109,3 +109,34 @@ def test_pool_refuses_fork_and_foreign_items():
         FilterPool(CONFIG, start_method="fork")
     with FilterPool(CONFIG, workers=1) as pool, pytest.raises(TypeError, match="Task"):
         list(pool.imap([[1, 2]]))
+
+
+def test_filter_into_writes_accepted_tasks_report_and_log(tmp_path):
+    import json
+
+    from mllm_jax.filtering.run import filter_into
+
+    tasks = _tasks(6, seed=3)
+    kept = []
+    summary = filter_into(
+        [tasks[:3], tasks[3:]],
+        kept.append,
+        CONFIG,
+        workers=2,
+        report_path=tmp_path / "report.json",
+        log_path=tmp_path / "tasks.jsonl",
+        progress=False,
+        settings={"seed": 3},
+    )
+    expected = [apply_filters(t, CONFIG) for t in tasks]
+    assert [t.index for t in kept] == [
+        t.index for t, r in zip(tasks, expected, strict=True) if r.accepted
+    ]
+    assert all(t.consensus is not None and t.extra["filter"]["accepted"] for t in kept)
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == summary
+    assert on_disk["tasks_seen"] == 6 and on_disk["accepted"] == len(kept)
+    assert on_disk["seed"] == 3 and on_disk["config"]["n_estimators"] == CONFIG.n_estimators
+    lines = (tmp_path / "tasks.jsonl").read_text().splitlines()
+    assert [json.loads(line)["index"] for line in lines] == list(range(6))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "tasks.jsonl"]

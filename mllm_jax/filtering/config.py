@@ -31,7 +31,11 @@ class FilterConfig:
 
     Sample level ("consensus", the warm-up corpus):
         consensus: compute the row mask for accepted tasks.
-        consensus_folds: folds of the out-of-fold prediction.
+        consensus_method: "kfold": each row predicted by a forest fit on the other folds
+            (``consensus_folds`` forests); "oob": one forest on all rows, each row
+            predicted by the trees whose bootstrap sample left it out (rows no tree left
+            out are not kept).
+        consensus_folds: folds of the k-fold prediction.
 
     seed: mixed with each task's (seed, index) so every task gets its own forest seed,
         independent of which worker or batch filters it.
@@ -46,6 +50,7 @@ class FilterConfig:
     max_predicted_share: float = 0.95
     min_predicted_classes: int = 2
     consensus: bool = False
+    consensus_method: Literal["kfold", "oob"] = "kfold"
     consensus_folds: int = 5
     seed: int = 0
 
@@ -77,5 +82,7 @@ class FilterConfig:
             raise ValueError(
                 f"min_predicted_classes must be >= 1, got {self.min_predicted_classes}"
             )
+        if self.consensus_method not in ("kfold", "oob"):
+            raise ValueError(f"consensus_method {self.consensus_method!r} is not 'kfold' or 'oob'")
         if self.consensus_folds < 2:
             raise ValueError(f"consensus_folds must be >= 2, got {self.consensus_folds}")

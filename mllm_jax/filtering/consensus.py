@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from mllm_jax.filtering.config import FilterConfig
@@ -55,10 +57,40 @@ def out_of_fold_predictions(
     return predictions
 
 
+def out_of_bag_mask(X: np.ndarray, y: np.ndarray, config: FilterConfig, seed: int) -> np.ndarray:
+    """Rows predicted correctly by the trees whose bootstrap sample left them out.
+
+    One forest on all rows instead of one per fold. A row that every bootstrap sample
+    drew (probability ~0.63**n_estimators) has no prediction and is not kept.
+
+    Args:
+        X: f32[rows, features], finite.
+        y: int[rows] labels.
+
+    Returns:
+        bool[rows].
+    """
+    forest = make_forest(config, X.shape[1], seed).set_params(oob_score=True)
+    with warnings.catch_warnings():  # scikit-learn warns about rows without OOB trees
+        warnings.simplefilter("ignore", UserWarning)
+        forest.fit(X, y)
+    votes = forest.oob_decision_function_  # f64[rows, classes], NaN where uncovered
+    covered = ~np.isnan(votes).any(axis=1)
+    predictions = forest.classes_[np.argmax(np.nan_to_num(votes, nan=-1.0), axis=1)]
+    return covered & (predictions == y)
+
+
+def consensus_rows(X: np.ndarray, y: np.ndarray, config: FilterConfig, seed: int) -> np.ndarray:
+    """The row mask by ``config.consensus_method``, on inputs already checked."""
+    if config.consensus_method == "oob":
+        return out_of_bag_mask(X, y, config, seed)
+    return out_of_fold_predictions(X, y, config, seed) == y
+
+
 def consensus_mask(
     X: np.ndarray, y: np.ndarray, config: FilterConfig | None = None, *, seed: int = 0
 ) -> np.ndarray:
-    """Rows whose out-of-fold forest prediction equals their label.
+    """Rows whose out-of-fold (or out-of-bag) forest prediction equals their label.
 
     Args:
         X: f32[rows, features] every row of the task (train and test splits together).
@@ -77,4 +109,4 @@ def consensus_mask(
     problem = check_consensus_inputs(X, y, config.consensus_folds)
     if problem is not None:
         raise ValueError(problem.message)
-    return out_of_fold_predictions(X, y, config, seed) == y
+    return consensus_rows(X, y, config, seed)

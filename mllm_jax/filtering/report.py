@@ -20,7 +20,8 @@ class FilterReport:
         rows_accepted: rows (train + test) of the accepted tasks.
         consensus_rows_kept / consensus_rows_total: rows kept by consensus, out of the rows
             of accepted tasks that have a mask.
-        filter_seconds: wall time the workers spent filtering, summed over tasks.
+        filter_seconds / filter_cpu_seconds: wall / CPU time the workers spent filtering,
+            summed over tasks.
         retried_tasks: tasks resubmitted after a worker crash.
         started: ``time.perf_counter()`` at creation, for throughput.
     """
@@ -32,6 +33,7 @@ class FilterReport:
     consensus_rows_kept: int = 0
     consensus_rows_total: int = 0
     filter_seconds: float = 0.0
+    filter_cpu_seconds: float = 0.0
     retried_tasks: int = 0
     started: float = field(default_factory=time.perf_counter)
 
@@ -39,6 +41,7 @@ class FilterReport:
         result = item.result
         self.tasks_seen += 1
         self.filter_seconds += result.seconds
+        self.filter_cpu_seconds += result.cpu_seconds
         self.retried_tasks += item.attempts > 1
         if not result.accepted:
             self.rejected_by_reason[str(result.reason)] += 1
@@ -68,6 +71,7 @@ class FilterReport:
             ),
             "retried_tasks": self.retried_tasks,
             "filter_seconds": round(self.filter_seconds, 3),
+            "filter_cpu_seconds": round(self.filter_cpu_seconds, 3),
             "wall_seconds": round(wall, 3),
             "tasks_per_second": self.tasks_seen / wall if wall > 0 else None,
             **extra,

@@ -47,6 +47,8 @@ class FilterResult:
         consensus: bool[rows] out-of-fold consensus over all rows (train then test), only
             for accepted tasks with consensus on.
         seconds: wall time spent on this task.
+        cpu_seconds: CPU time of the filtering process spent on it (unlike the wall time,
+            barely affected by other processes competing for the cores).
     """
 
     accepted: bool
@@ -55,6 +57,7 @@ class FilterResult:
     metrics: ForestMetrics | None
     consensus: np.ndarray | None = None
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
     @classmethod
     def reject(cls, problem: Problem, metrics: ForestMetrics | None = None) -> FilterResult:
@@ -72,6 +75,7 @@ class FilterResult:
             "reason": None if self.reason is None else str(self.reason),
             "message": self.message,
             "seconds": round(self.seconds, 6),
+            "cpu_seconds": round(self.cpu_seconds, 6),
         }
         if self.metrics is not None:
             out.update(self.metrics.to_json())

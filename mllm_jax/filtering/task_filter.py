@@ -14,7 +14,7 @@ import numpy as np
 
 from mllm_jax.data.tasks import Task
 from mllm_jax.filtering.config import FilterConfig
-from mllm_jax.filtering.consensus import out_of_fold_predictions
+from mllm_jax.filtering.consensus import consensus_rows
 from mllm_jax.filtering.forest import make_forest, sub_seed, task_seed
 from mllm_jax.filtering.inputs import check_consensus_inputs, check_split_inputs
 from mllm_jax.filtering.metrics import ForestMetrics, forest_metrics
@@ -49,6 +49,16 @@ def judge(metrics: ForestMetrics, config: FilterConfig) -> Problem | None:
     return None
 
 
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _timed(result: FilterResult, start: tuple[float, float]) -> FilterResult:
+    """The result with the wall and CPU seconds since ``start`` (from :func:`_clock`)."""
+    wall, cpu = _clock()
+    return dataclasses.replace(result, seconds=wall - start[0], cpu_seconds=cpu - start[1])
+
+
 def _majority(y: np.ndarray) -> int:
     values, counts = np.unique(y, return_counts=True)
     return int(values[np.argmax(counts)])
@@ -76,15 +86,13 @@ def filter_task(
         split, inconsistent shapes) is a rejection with its reason, never an exception.
         Consensus is not computed here (see :func:`consensus_mask`, :func:`apply_filters`).
     """
-    start = time.perf_counter()
+    start = _clock()
     config = config or FilterConfig()
     X_train, X_test = np.asarray(X_train), np.asarray(X_test)
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     problem = check_split_inputs(X_train, y_train, X_test, y_test)
     if problem is not None:
-        return dataclasses.replace(
-            FilterResult.reject(problem), seconds=time.perf_counter() - start
-        )
+        return _timed(FilterResult.reject(problem), start)
     forest = make_forest(config, X_train.shape[1], seed)
     forest.fit(X_train.astype(np.float32, copy=False), y_train)
     y_pred = forest.predict(X_test.astype(np.float32, copy=False))
@@ -95,7 +103,7 @@ def filter_task(
         if problem is None
         else FilterResult.reject(problem, metrics)
     )
-    return dataclasses.replace(result, seconds=time.perf_counter() - start)
+    return _timed(result, start)
 
 
 def apply_filters(task: Task, config: FilterConfig | None = None) -> FilterResult:
@@ -105,21 +113,19 @@ def apply_filters(task: Task, config: FilterConfig | None = None) -> FilterResul
     The forest seed comes from ``(config.seed, task.seed, task.index)`` so a task gets the
     same decision and mask in any worker, batch or run.
     """
-    start = time.perf_counter()
+    start = _clock()
     config = config or FilterConfig()
     seed = task_seed(config.seed, task.seed, task.index)
     if config.consensus:
         problem = check_consensus_inputs(task.X, task.y, config.consensus_folds)
         if problem is not None:
-            return dataclasses.replace(
-                FilterResult.reject(problem), seconds=time.perf_counter() - start
-            )
+            return _timed(FilterResult.reject(problem), start)
     result = filter_task(*task.split(), config, seed=seed)
     if result.accepted and config.consensus:
         X = task.X.astype(np.float32, copy=False)
-        mask = out_of_fold_predictions(X, task.y, config, sub_seed(seed, 1)) == task.y
+        mask = consensus_rows(X, task.y, config, sub_seed(seed, 1))
         result = dataclasses.replace(result, consensus=mask)
-    return dataclasses.replace(result, seconds=time.perf_counter() - start)
+    return _timed(result, start)
 
 
 def annotate(task: Task, result: FilterResult) -> Task:

@@ -1,0 +1,118 @@
+"""One filtering run: stream tasks through the pool into a sink, with progress and reports.
+
+This is what ``mllm-jax generate --filter`` calls between the prior and the shard writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from mllm_jax.data.tasks import Task
+from mllm_jax.filtering.config import FilterConfig
+from mllm_jax.filtering.pool import FilterPool
+from mllm_jax.filtering.report import FilterReport
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Writes JSON to a temporary file beside ``path``, then renames it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def filter_into(
+    source: Iterable[Any],
+    sink: Callable[[Task], None],
+    config: FilterConfig | None = None,
+    *,
+    workers: int | None = None,
+    total: int | None = None,
+    report_path: Path | None = None,
+    log_path: Path | None = None,
+    progress: bool = True,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Filters ``source`` and passes every accepted (annotated) task to ``sink`` in order.
+
+    Args:
+        source: tasks or batches of tasks (see :meth:`FilterPool.imap`), consumed lazily
+            so a generator produces the next batch while workers filter this one.
+        sink: called with each accepted task, in input order (e.g. a shard writer's add).
+        config: filter settings.
+        workers: worker processes (default one per core).
+        total: expected task count, for the progress bar.
+        report_path: where to write the JSON report at the end (atomically).
+        log_path: optional JSON-lines file, one line per task: index, decision, metrics.
+        progress: show a rich progress bar on stderr.
+        settings: extra fields for the report (e.g. the generate command's options).
+
+    Returns:
+        The report as plain data (see :meth:`FilterReport.to_json`), also written to
+        ``report_path``.
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    config = config or FilterConfig()
+    report = FilterReport()
+    log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not progress,
+    )
+    try:
+        with bar, FilterPool(config, workers=workers) as pool:
+            task_id = bar.add_task("filtering", total=total)
+            for item in pool.imap(source):
+                report.add(item)
+                if item.result.accepted:
+                    sink(item.task)
+                if log is not None:
+                    log.write(json.dumps({"index": item.task.index, **item.result.to_json()}))
+                    log.write("\n")
+                bar.update(
+                    task_id,
+                    advance=1,
+                    description=f"filtering (kept {report.accepted}/{report.tasks_seen})",
+                )
+            restarts, workers_used = pool.restarts, pool.workers
+    finally:
+        if log is not None:
+            log.close()
+    summary = report.to_json(
+        worker_restarts=restarts,
+        workers=workers_used,
+        config=_config_json(config),
+        **(settings or {}),
+    )
+    if report_path is not None:
+        write_json_atomic(Path(report_path), summary)
+    return summary
+
+
+def _config_json(config: FilterConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(config)

@@ -1,0 +1,498 @@
+"""Benchmarks and calibration of the random-forest filters (docs/filtering.md).
+
+    pool        filter pool tasks/s vs a serial loop of plain scikit-learn forests on the
+                same pre-generated tasks, plus scaling efficiency (JSON line last)
+    forest      accept/reject agreement and speed of candidate forests vs a large forest
+    thresholds  metric distributions on prior tasks vs the same tasks with permuted labels
+    e2e         generate + filter end to end (needs mllm_jax.prior)
+
+Tasks come from our prior (``mllm_jax.prior``) when it is installed, else from the
+reference prior (tabicl 0.1.4, i.i.d. draws); ``--source`` picks one and ``--cache``
+keeps them in an .npz so repeated runs filter the same tasks.
+
+    .venv/bin/python tools/bench_filter.py pool --tasks 96 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from mllm_jax.data import Task
+from mllm_jax.filtering import FilterConfig, FilterPool, apply_filters
+from mllm_jax.filtering.pool import default_workers
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _reference_prior_tasks(count: int, seed: int) -> list[Task]:
+    """i.i.d. tasks of the reference prior (tabicl 0.1.4) at MachineLearningLM's settings."""
+    import torch
+    from tabicl.prior.dataset import PriorDataset
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # the reference draws from numpy's global generator
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(seed)
+    priors = {
+        family: PriorDataset(
+            batch_size=1,
+            batch_size_per_gp=1,
+            min_features=5,
+            max_features=50,
+            max_classes=10,
+            min_seq_len=1024,
+            max_seq_len=1025,
+            prior_type=f"{family}_scm",
+            n_jobs=1,
+        )
+        for family in ("mlp", "tree")
+    }
+    tasks = []
+    for index in _progress(range(count), "reference prior"):
+        family = "mlp" if rng.random() < 0.7 else "tree"
+        X, y, d, _, train_size = priors[family].get_batch()
+        n_features = int(d[0])
+        labels = y[0].numpy().astype(np.int32)
+        tasks.append(
+            Task(
+                X=X[0, :, :n_features].numpy().astype(np.float32),
+                y=labels,
+                n_classes=int(np.unique(labels).size),
+                n_train=int(train_size[0]),
+                categorical=np.zeros(n_features, bool),  # not reported by the reference
+                family=family,
+                seed=seed,
+                index=index,
+            )
+        )
+    return tasks
+
+
+def _our_prior_tasks(count: int, seed: int) -> list[Task]:
+    from mllm_jax.prior import sample_tasks
+
+    return list(sample_tasks(seed, 0, count, None).to_tasks())
+
+
+def _save_tasks(tasks: list[Task], path: Path) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for i, task in enumerate(tasks):
+        arrays[f"X{i}"], arrays[f"y{i}"], arrays[f"c{i}"] = task.X, task.y, task.categorical
+        arrays[f"m{i}"] = np.array(
+            [task.n_classes, task.n_train, task.family == "tree", task.seed, task.index]
+        )
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
+    os.close(fd)
+    np.savez(tmp, n=len(tasks), **arrays)
+    os.replace(tmp, path)
+
+
+def _load_tasks(path: Path) -> list[Task]:
+    with np.load(path) as z:
+        tasks = []
+        for i in range(int(z["n"])):
+            n_classes, n_train, tree, seed, index = (int(v) for v in z[f"m{i}"])
+            tasks.append(
+                Task(
+                    z[f"X{i}"],
+                    z[f"y{i}"],
+                    n_classes,
+                    n_train,
+                    z[f"c{i}"],
+                    "tree" if tree else "mlp",
+                    seed,
+                    index,
+                )
+            )
+    return tasks
+
+
+def load_tasks(args: argparse.Namespace) -> tuple[list[Task], str]:
+    source = args.source
+    if source == "auto":
+        try:
+            from mllm_jax.prior import sample_tasks  # noqa: F401
+
+            source = "prior"
+        except ImportError:
+            source = "tabicl"
+    cache = Path(args.cache) if args.cache else None
+    if cache is not None and cache.exists():
+        tasks = _load_tasks(cache)
+        if len(tasks) >= args.tasks:
+            return tasks[: args.tasks], f"{source} (cached {cache})"
+    make = _our_prior_tasks if source == "prior" else _reference_prior_tasks
+    tasks = make(args.tasks, args.seed)
+    if cache is not None:
+        _save_tasks(tasks, cache)
+    return tasks, source
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _progress(items: Iterable, label: str, total: int | None = None) -> Iterable:
+    from rich.progress import Progress
+
+    with Progress(transient=True, console=_stderr_console()) as progress:
+        task = progress.add_task(label, total=total if total is not None else len(items))
+        for item in items:
+            yield item
+            progress.advance(task)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _log(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def _settings(args: argparse.Namespace, source: str, config: FilterConfig) -> dict:
+    return {
+        "tasks": args.tasks,
+        "source": source,
+        "workers": args.workers,
+        "forest": {
+            "n_estimators": config.n_estimators,
+            "max_depth": config.max_depth,
+            "max_features": config.max_features,
+        },
+        "consensus": config.consensus,
+        "consensus_folds": config.consensus_folds,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
+        "python": platform.python_version(),
+    }
+
+
+def _pool_results(pool: FilterPool, tasks: list[Task]) -> list:
+    return [item.result for item in _progress(pool.imap(tasks), "filtering", len(tasks))]
+
+
+# ----------------------------------------------------------------------------- pool
+
+
+def reference_filter(task: Task, config: FilterConfig) -> bool:
+    """The plain way: a scikit-learn forest and scikit-learn's metrics, one task at a time.
+
+    Same forest settings and acceptance rules as ours; consensus with
+    ``cross_val_predict`` over a shuffled ``StratifiedKFold``.
+    """
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    def forest() -> RandomForestClassifier:
+        return RandomForestClassifier(
+            n_estimators=config.n_estimators,
+            max_depth=config.max_depth,
+            max_features=config.max_features,
+            min_samples_leaf=config.min_samples_leaf,
+            n_jobs=1,
+            random_state=0,
+        )
+
+    X_train, y_train, X_test, y_test = task.split()
+    y_pred = forest().fit(X_train, y_train).predict(X_test)
+    shares = np.unique(y_pred, return_counts=True)[1] / y_pred.size
+    accepted = (
+        shares.size >= config.min_predicted_classes
+        and shares.max() <= config.max_predicted_share
+        and cohen_kappa_score(y_test, y_pred) >= config.min_kappa
+        and balanced_accuracy_score(y_test, y_pred)
+        >= 1 / np.unique(y_test).size + config.balanced_accuracy_margin
+    )
+    if accepted and config.consensus:
+        with warnings.catch_warnings():  # classes smaller than the fold count
+            warnings.simplefilter("ignore")
+            folds = StratifiedKFold(config.consensus_folds, shuffle=True, random_state=0)
+            oof = cross_val_predict(forest(), task.X, task.y, cv=folds)
+        _ = oof == task.y
+    return bool(accepted)
+
+
+def bench_pool(args: argparse.Namespace) -> None:
+    tasks, source = load_tasks(args)
+    config = FilterConfig(consensus=args.consensus)
+    workers = args.workers
+    rates: dict[str, list[float]] = {"pool": [], "single": [], "reference": []}
+    agreement = None
+    with FilterPool(config, workers=workers) as pool:
+        pool.warm_up()
+        for repeat in range(args.repeats):
+            start = time.perf_counter()
+            ours = _pool_results(pool, tasks)
+            rates["pool"].append(len(tasks) / (time.perf_counter() - start))
+
+            start = time.perf_counter()
+            for task in _progress(tasks, "single process"):
+                apply_filters(task, config)
+            rates["single"].append(len(tasks) / (time.perf_counter() - start))
+
+            start = time.perf_counter()
+            reference = [reference_filter(t, config) for t in _progress(tasks, "reference")]
+            rates["reference"].append(len(tasks) / (time.perf_counter() - start))
+            agreement = float(
+                np.mean([r.accepted == a for r, a in zip(ours, reference, strict=True)])
+            )
+            _log({"repeat": repeat, **{k: v[-1] for k, v in rates.items()}})
+    pool_rate = statistics.median(rates["pool"])
+    single_rate = statistics.median(rates["single"])
+    reference_rate = statistics.median(rates["reference"])
+    efficiencies = [p / (workers * s) for p, s in zip(rates["pool"], rates["single"], strict=True)]
+    _log(
+        {
+            "name": "filter_pool",
+            "ours": round(pool_rate, 3),
+            "reference": round(reference_rate, 3),
+            "unit": "tasks/s",
+            "ratio": round(pool_rate / reference_rate, 3),
+            "scaling_efficiency": round(statistics.median(efficiencies), 3),
+            "scaling_efficiency_range": [round(min(efficiencies), 3), round(max(efficiencies), 3)],
+            "single_process": round(single_rate, 3),
+            "pool_range": [round(min(rates["pool"]), 3), round(max(rates["pool"]), 3)],
+            "reference_range": [
+                round(min(rates["reference"]), 3),
+                round(max(rates["reference"]), 3),
+            ],
+            "decision_agreement_with_reference": agreement,
+            "repeats": args.repeats,
+            **_settings(args, source, config),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- forest
+
+
+def _run(tasks: list[Task], config: FilterConfig, workers: int) -> list:
+    with FilterPool(config, workers=workers) as pool:
+        return _pool_results(pool, tasks)
+
+
+FOREST_CANDIDATES = (
+    {"n_estimators": 10},
+    {"n_estimators": 20},
+    {"n_estimators": 30},
+    {"n_estimators": 30, "consensus_folds": 3},
+    {"n_estimators": 30, "max_depth": 12},
+    {"n_estimators": 30, "consensus_method": "oob"},
+    {"n_estimators": 50},
+    {"n_estimators": 100},
+    {"n_estimators": 100, "consensus_method": "oob"},
+)
+
+
+def bench_forest(args: argparse.Namespace) -> None:
+    """Candidate forests vs a large one: same decisions and masks? how much cheaper?
+
+    Cost is the workers' CPU seconds per task (wall time is also reported, but on a
+    shared machine it mostly measures the neighbours).
+    """
+    tasks, source = load_tasks(args)
+    base = FilterConfig(consensus=True)
+    reference = dataclasses.replace(base, n_estimators=args.reference_trees)
+    ref = _run(tasks, reference, args.workers)
+    ref_cpu = statistics.mean(r.cpu_seconds for r in ref)
+    ref_accept = np.array([r.accepted for r in ref])
+    summary = []
+    for overrides in FOREST_CANDIDATES:
+        config = dataclasses.replace(base, **overrides)
+        results = _run(tasks, config, args.workers)
+        accept = np.array([r.accepted for r in results])
+        both = [
+            (r.consensus, q.consensus)
+            for r, q in zip(results, ref, strict=True)
+            if r.consensus is not None and q.consensus is not None
+        ]
+        kappa_diff = [
+            abs(r.metrics.kappa - q.metrics.kappa)
+            for r, q in zip(results, ref, strict=True)
+            if r.metrics is not None and q.metrics is not None
+        ]
+        cpu = statistics.mean(r.cpu_seconds for r in results)
+        record = {
+            **overrides,
+            "accept_rate": float(accept.mean()),
+            "decision_agreement": float(np.mean(accept == ref_accept)),
+            "accepted_only_here": int((accept & ~ref_accept).sum()),
+            "rejected_only_here": int((~accept & ref_accept).sum()),
+            "kappa_mean_abs_diff": round(float(np.mean(kappa_diff)), 4),
+            "consensus_row_agreement": round(float(np.mean([np.mean(a == b) for a, b in both])), 4),
+            "consensus_keep_rate": round(float(np.mean([a.mean() for a, _ in both])), 4),
+            "cpu_seconds_per_task": round(cpu, 4),
+            "wall_seconds_per_task": round(statistics.mean(r.seconds for r in results), 4),
+            "cpu_speedup_vs_reference": round(ref_cpu / cpu, 2),
+        }
+        _log(record)
+        summary.append(record)
+    _log(
+        {
+            "name": "filter_forest_study",
+            "reference_trees": args.reference_trees,
+            "reference_accept_rate": float(ref_accept.mean()),
+            "reference_cpu_seconds_per_task": round(ref_cpu, 4),
+            "reference_consensus_keep_rate": float(
+                np.mean([r.consensus.mean() for r in ref if r.consensus is not None])
+            ),
+            "candidates": summary,
+            **_settings(args, source, base),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    qs = (50, 90, 95, 99, 99.5, 100)
+    return {f"p{q}": round(float(np.percentile(values, q)), 4) for q in qs}
+
+
+def _permuted(task: Task, draw: int) -> Task:
+    """Same features and label counts, labels shuffled over all rows: nothing to learn."""
+    rng = np.random.default_rng([task.seed, task.index, draw])
+    return dataclasses.replace(task, y=rng.permutation(task.y), index=task.index + (draw << 32))
+
+
+def bench_thresholds(args: argparse.Namespace) -> None:
+    """Where do real tasks and label-permuted (null) tasks fall on each metric?"""
+    tasks, source = load_tasks(args)
+    # Margins off: collect every metric, decide afterwards.
+    config = FilterConfig(min_kappa=-1.0, balanced_accuracy_margin=-1.0, max_predicted_share=1.0)
+    real = [r.metrics for r in _run(tasks, config, args.workers) if r.metrics is not None]
+    null_tasks = [_permuted(t, draw) for draw in range(1, args.permutations + 1) for t in tasks]
+    null = [r.metrics for r in _run(null_tasks, config, args.workers) if r.metrics is not None]
+
+    def describe(metrics: list) -> dict:
+        return {
+            "kappa": _quantiles([m.kappa for m in metrics]),
+            "balanced_accuracy_over_chance": _quantiles(
+                [m.balanced_accuracy - m.chance_balanced_accuracy for m in metrics]
+            ),
+            "max_predicted_share": _quantiles([m.max_predicted_share for m in metrics]),
+            "single_predicted_class": float(np.mean([m.n_predicted_classes < 2 for m in metrics])),
+        }
+
+    def accept_rate(metrics: list, kappa: float, margin: float, share: float) -> float:
+        return float(
+            np.mean(
+                [
+                    m.n_predicted_classes >= 2
+                    and m.max_predicted_share <= share
+                    and m.kappa >= kappa
+                    and m.balanced_accuracy >= m.chance_balanced_accuracy + margin
+                    for m in metrics
+                ]
+            )
+        )
+
+    grid = []
+    for kappa in (0.05, 0.1, 0.15, 0.2, 0.3):
+        for margin in (0.0, 0.05, 0.1):
+            for share in (0.9, 0.95, 0.99):
+                grid.append(
+                    {
+                        "min_kappa": kappa,
+                        "balanced_accuracy_margin": margin,
+                        "max_predicted_share": share,
+                        "real_accept_rate": accept_rate(real, kappa, margin, share),
+                        "null_accept_rate": accept_rate(null, kappa, margin, share),
+                    }
+                )
+    _log(
+        {
+            "name": "filter_threshold_study",
+            "real": describe(real),
+            "null": describe(null),
+            "null_tasks": len(null),
+            "grid": grid,
+            **_settings(args, source, config),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- e2e
+
+
+def bench_e2e(args: argparse.Namespace) -> None:
+    """The generator feeding the pool, against the pool alone on the same tasks."""
+    from mllm_jax.prior import iter_task_batches
+
+    config = FilterConfig(consensus=args.consensus)
+    batches = list(iter_task_batches(args.seed, 0, args.tasks, None, args.batch_size))
+    tasks = [t for b in batches for t in b.to_tasks()]
+    with FilterPool(config, workers=args.workers) as pool:
+        pool.warm_up()
+        start = time.perf_counter()
+        _pool_results(pool, tasks)
+        filter_rate = len(tasks) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        stream = iter_task_batches(args.seed + 1, 0, args.tasks, None, args.batch_size)
+        _pool_results(pool, stream)
+        e2e_rate = args.tasks / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in iter_task_batches(args.seed + 2, 0, args.tasks, None, args.batch_size):
+        pass
+    generate_rate = args.tasks / (time.perf_counter() - start)
+    _log(
+        {
+            "name": "generate_filter_e2e",
+            "ours": round(e2e_rate, 3),
+            "reference": round(filter_rate, 3),
+            "unit": "tasks/s",
+            "ratio": round(e2e_rate / filter_rate, 3),
+            "generate_alone": round(generate_rate, 3),
+            "batch_size": args.batch_size,
+            **_settings(args, "prior", config),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {
+        "pool": bench_pool,
+        "forest": bench_forest,
+        "thresholds": bench_thresholds,
+        "e2e": bench_e2e,
+    }
+    for name in commands:
+        p = sub.add_parser(name)
+        p.add_argument("--tasks", type=int, default=96)
+        p.add_argument("--workers", type=int, default=default_workers())
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--source", choices=("auto", "prior", "tabicl"), default="auto")
+        p.add_argument("--cache", help="npz file keeping the generated tasks between runs")
+        p.add_argument("--consensus", action=argparse.BooleanOptionalAction, default=True)
+        p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--reference-trees", type=int, default=200)
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--permutations", type=int, default=3, help="null draws per task")
+    args = parser.parse_args(argv)
+    commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,583 @@
+"""The training run: base model -> curriculum stages -> checkpoints, metrics, validation.
+
+    train(config)           runs (or resumes) `config.run_dir`
+    load_trained(run_dir)   the model with the trained parameters of a run (for export)
+
+Run directory:
+
+    config.yaml       the resolved config
+    base/, base.json  the random-init base as an HF checkpoint (when model.base is None)
+    checkpoints/      orbax steps (newest `checkpoint.keep`), see `checkpoint`
+    best/             the best validation step's trainable parameters
+    metrics.jsonl     one JSON object per logged step / validation
+
+Resuming re-reads the base, restores the trainable parameters, optimizer state, step and
+data-iterator position of the newest checkpoint and continues; on the same backend,
+mesh and jax version the result is bitwise the run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from rich.console import Console
+
+from mllm_jax.config import load_config, save_config, to_dict
+from mllm_jax.model import Qwen2ForCausalLM, init_model, load_hf, preset, save_hf
+from mllm_jax.model.config import Qwen2Config
+from mllm_jax.train import flops
+from mllm_jax.train.batches import BatchError, check_divisible, next_batches, to_device
+from mllm_jax.train.checkpoint import (
+    Checkpointer,
+    CheckpointMismatchError,
+    abstract_like,
+    check_compatible,
+    hash_checkpoint,
+)
+from mllm_jax.train.config import StageConfig, TrainConfig, resume_fingerprint
+from mllm_jax.train.data import DataFactory, default_data
+from mllm_jax.train.mesh import ShardingRules, make_mesh
+from mllm_jax.train.metrics import MetricsLog, is_main_process, progress_bar
+from mllm_jax.train.optim import learning_rate, make_optimizer
+from mllm_jax.train.state import (
+    SplitModel,
+    count_params,
+    init_optimizer,
+    optimizer_shardings,
+    split_model,
+)
+from mllm_jax.train.step import make_eval_step, make_train_step
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a `train` call did: the last completed global step, the metric records it
+    wrote (train and validation), the best validation so far, and the final model split
+    (`split.trainable` holds the trained parameters)."""
+
+    step: int
+    history: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    run_dir: Path
+    split: SplitModel
+    model_config: Qwen2Config
+
+
+# ------------------------------------------------------------------------- model setup
+
+
+def _mesh_and_rules(config: TrainConfig) -> tuple[jax.sharding.Mesh, ShardingRules]:
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = ShardingRules.default().replace(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in config.rules.items()}
+    )
+    return mesh, rules
+
+
+def _random_base_config(config: TrainConfig) -> Qwen2Config:
+    m = config.model
+    return preset(m.preset, **{**m.overrides, "param_dtype": m.master_dtype})
+
+
+def prepare_base(config: TrainConfig, run_dir: Path) -> Path:
+    """The base checkpoint directory: `model.base`, or a random-init model of the preset
+    saved once into `<run_dir>/base` (refusing one made from other settings)."""
+    if config.model.base is not None:
+        base = Path(config.model.base)
+        if not (base / "config.json").is_file():
+            raise FileNotFoundError(f"model.base {base}: no HF checkpoint (config.json) there")
+        return base
+    base, record = run_dir / "base", run_dir / "base.json"
+    wanted = {
+        "preset": config.model.preset,
+        "overrides": to_dict(config.model.overrides),
+        "init_seed": config.model.init_seed,
+        "dtype": config.model.master_dtype,
+    }
+    if record.exists():
+        made = json.loads(record.read_text())
+        if made != wanted:
+            raise CheckpointMismatchError(
+                f"{base} is a random-init base made from {made}, this config asks for "
+                f"{wanted}; use another run_dir"
+            )
+        return base
+    model = init_model(_random_base_config(config), config.model.init_seed)
+    save_hf(model, base, overwrite=True)
+    if is_main_process():
+        record.write_text(json.dumps(wanted, indent=2) + "\n")
+    return base
+
+
+def build_model(
+    config: TrainConfig,
+    base: Path,
+    mesh: jax.sharding.Mesh | None,
+    rules: ShardingRules | None,
+) -> Qwen2ForCausalLM:
+    """The base model, in its training dtype, with adapters in LoRA mode."""
+    m = config.model
+    dtype = m.frozen_dtype if config.mode == "lora" else m.master_dtype
+    model = load_hf(
+        base,
+        dtype,
+        mesh=mesh,
+        rules=rules,
+        compute_dtype=m.compute_dtype,
+        attention_backend=m.attention_backend,
+        attention_query_chunk=m.attention_query_chunk,
+    )
+    if config.mode == "lora":
+        from mllm_jax.model.lora import apply_lora
+
+        apply_lora(model, config.lora, jax.random.key(config.seed), mesh=mesh, rules=rules)
+    return model
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _data_state(iterator: Any) -> Any:
+    get_state = getattr(iterator, "get_state", None)
+    return get_state() if callable(get_state) else None
+
+
+def _set_data_state(iterator: Any, state: Any, where: str) -> None:
+    set_state = getattr(iterator, "set_state", None)
+    if state is None or not callable(set_state):
+        raise CheckpointMismatchError(
+            f"{where}: cannot resume mid-stage: the data iterator "
+            + (
+                "state was not saved (iterator without get_state)"
+                if state is None
+                else "has no set_state"
+            )
+        )
+    set_state(state)
+
+
+def _peak_flops(config: TrainConfig) -> float | None:
+    if config.logging.peak_flops_per_device is not None:
+        return config.logging.peak_flops_per_device
+    return flops.peak_flops_per_device(jax.devices()[0].device_kind)
+
+
+class _Validation:
+    """A fixed set of held-out batches, evaluated on demand."""
+
+    def __init__(self, config: TrainConfig, data_factory: DataFactory, split, mesh, vocab):
+        v = config.validation
+        iterator = data_factory(v.data, "validation")
+        self.batch, self.stats = next_batches(
+            iterator,
+            v.batches,
+            where="validation",
+            vocab_size=vocab,
+            max_answer_tokens=config.max_answer_tokens,
+            shape=None,
+        )
+        check_divisible(self.batch["input_ids"].shape[1], mesh, "validation")
+        if self.stats.answer_tokens == 0:
+            raise BatchError("validation: the held-out batches hold no answer tokens")
+        self.device_batch = to_device(self.batch, mesh)
+        self.step = make_eval_step(split, mesh, budget=config.max_answer_tokens)
+
+    def __call__(self, split: SplitModel) -> dict[str, float]:
+        sums = jax.device_get(
+            self.step(split.trainable, split.rngs, split.frozen, self.device_batch)
+        )
+        return {
+            "val_loss": float(sums.loss / sums.tokens),
+            "val_accuracy": float(sums.correct / sums.tokens),
+            "val_answer_tokens": int(sums.tokens),
+        }
+
+
+# ------------------------------------------------------------------------------ train
+
+
+class _Throughput:
+    """Tokens and model FLOPs per second over the steps since the last report, with the
+    time spent checkpointing and validating taken out."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.tokens = 0
+        self.flops = 0.0
+        self.paused = 0.0
+
+    def restart(self) -> None:
+        self.start, self.tokens, self.flops, self.paused = time.perf_counter(), 0, 0.0, 0.0
+
+    def add(self, tokens: int, step_flops: float) -> None:
+        self.tokens += tokens
+        self.flops += step_flops
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
+    def report(self, peak_total: float | None) -> dict[str, Any]:
+        if self.start is None or not self.tokens:
+            return {}
+        elapsed = time.perf_counter() - self.start - self.paused
+        out = {
+            "tokens_per_s": self.tokens / elapsed,
+            "model_flops_per_s": self.flops / elapsed,
+            "mfu": self.flops / elapsed / peak_total if peak_total else None,
+        }
+        self.restart()
+        return out
+
+
+class _Run:
+    """One `train` call: the state of the run and the steps of the loop, in order."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data_factory: DataFactory,
+        stop_at: int | None,
+        console: Console | None,
+    ):
+        self.config = config
+        self.data_factory = data_factory
+        self.stop_at = stop_at
+        self.console = console
+        self.run_dir = Path(config.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.mesh, self.rules = _mesh_and_rules(config)
+        self.base = prepare_base(config, self.run_dir)
+        self.base_sha256 = hash_checkpoint(self.base)
+        self.fingerprint = resume_fingerprint(config)
+        self.ckpt_dir = config.checkpoint.directory or str(
+            (self.run_dir / "checkpoints").absolute()
+        )
+        best_dir = str((self.run_dir / "best").absolute()) if config.validation.every else None
+        self.checkpointer = Checkpointer(
+            self.ckpt_dir,
+            keep=config.checkpoint.keep,
+            async_save=config.checkpoint.async_save,
+            best_directory=best_dir,
+        )
+        self.meta = self._resume_meta()
+        self.done = 0 if self.meta is None else int(self.meta["step"])
+        self.best: dict[str, Any] | None = None if self.meta is None else self.meta.get("best")
+        if is_main_process():
+            save_config(config, self.run_dir / CONFIG_FILE)
+
+        model = build_model(config, self.base, self.mesh, self.rules)
+        self.model_config: Qwen2Config = model.config
+        self.split = split_model(
+            model,
+            config.mode,
+            self.mesh,
+            self.rules,
+            master_dtype=jnp.dtype(config.model.master_dtype),
+            frozen_dtype=jnp.dtype(config.model.frozen_dtype),
+        )
+        del model
+        if self.meta is not None:
+            split = self.split
+            split.trainable = self.checkpointer.restore(
+                self.done, "trainable", abstract_like(split.trainable, split.trainable_shardings)
+            )
+            split.rngs = self.checkpointer.restore_rngs(self.done, split.rngs, split.rngs_shardings)
+
+        self.tx = make_optimizer(config.optimizer)
+        self.opt_shardings = optimizer_shardings(
+            self.tx, self.split.trainable, self.split.trainable_shardings, self.mesh
+        )
+        self.train_step = make_train_step(
+            self.split,
+            self.tx,
+            self.opt_shardings,
+            self.mesh,
+            budget=config.max_answer_tokens,
+            remat=config.remat == "full",
+        )
+        self.log = MetricsLog(self.run_dir / METRICS_FILE, resume_step=self.done)
+        self.history: list[dict[str, Any]] = []
+        self.validation = (
+            _Validation(config, data_factory, self.split, self.mesh, self.model_config.vocab_size)
+            if config.validation.every
+            else None
+        )
+        peak = _peak_flops(config)
+        self.peak_total = peak * self.mesh.devices.size if peak else None
+        self.throughput = _Throughput()
+
+    def _resume_meta(self) -> dict[str, Any] | None:
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return None
+        if self.config.checkpoint.resume == "never":
+            raise CheckpointMismatchError(
+                f"{self.ckpt_dir} already holds checkpoints (newest step {step}) and "
+                "checkpoint.resume is 'never'"
+            )
+        meta = self.checkpointer.read_meta(step)
+        check_compatible(
+            meta,
+            fingerprint=self.fingerprint,
+            base_sha256=self.base_sha256,
+            where=f"checkpoint {self.ckpt_dir}/{step}",
+        )
+        return meta
+
+    def record(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
+        self.log.write(entry)
+
+    def meta_for(self, stage: str, data_state: Any) -> dict[str, Any]:
+        return {
+            "step": self.done,
+            "stage": stage,
+            "fingerprint": self.fingerprint,
+            "base": {"path": str(self.base), "sha256": self.base_sha256},
+            "seed": self.config.seed,
+            "data_state": data_state,
+            "best": self.best,
+            "jax_version": jax.__version__,
+            "backend": jax.default_backend(),
+            "time": time.time(),
+        }
+
+    # -------------------------------------------------------------------- the loop
+
+    def run(self) -> TrainResult:
+        config = self.config
+        if self.done == 0:
+            self.record(
+                {
+                    "event": "start",
+                    "step": 0,
+                    "mode": config.mode,
+                    "trainable_params": count_params(self.split.trainable),
+                    "frozen_params": count_params(self.split.frozen),
+                    "devices": int(self.mesh.devices.size),
+                    "mesh": dict(self.mesh.shape),
+                }
+            )
+        with progress_bar(config.logging.progress, self.console) as bar:
+            task = bar.add_task("train", total=config.total_steps, completed=self.done, status="")
+            for stage, (lo, hi) in zip(config.stages, config.stage_bounds(), strict=True):
+                if self.done >= hi or self._stopped():
+                    continue
+                bar.update(task, description=f"train [{stage.name}]")
+                self._run_stage(stage, lo, hi, bar, task)
+        self.checkpointer.close()
+        self.log.close()
+        return TrainResult(
+            step=self.done,
+            history=self.history,
+            best=self.best,
+            run_dir=self.run_dir,
+            split=self.split,
+            model_config=self.model_config,
+        )
+
+    def _stopped(self) -> bool:
+        return self.stop_at is not None and self.done >= self.stop_at
+
+    def _run_stage(self, stage: StageConfig, lo: int, hi: int, bar, task) -> None:
+        config, split = self.config, self.split
+        iterator = self.data_factory(stage.data, f"stage {stage.name!r}")
+        if self.meta is not None and lo < self.done:
+            # Resuming inside this stage: its optimizer state and data position.
+            abstract = jax.eval_shape(self.tx.init, split.trainable)
+            opt_state = self.checkpointer.restore(
+                self.done, "opt_state", abstract_like(abstract, self.opt_shardings)
+            )
+            _set_data_state(
+                iterator, self.meta.get("data_state"), f"checkpoint {self.ckpt_dir}/{self.done}"
+            )
+        else:
+            opt_state = init_optimizer(self.tx, split.trainable, self.opt_shardings)
+        shape = None
+        self.throughput.start = None
+        for step in range(self.done, hi):
+            where = f"stage {stage.name!r} step {step + 1}"
+            host_batch, stats = next_batches(
+                iterator,
+                config.grad_accum,
+                where=where,
+                vocab_size=self.model_config.vocab_size,
+                max_answer_tokens=config.max_answer_tokens,
+                shape=shape,
+            )
+            if shape is None:
+                shape = host_batch["input_ids"].shape[1:]
+                check_divisible(shape[0], self.mesh, where)
+            if stats.answer_tokens == 0:
+                raise BatchError(f"{where}: no answer tokens in the step's batches")
+            lr = learning_rate(config.optimizer, stage.learning_rate, stage.steps, step - lo)
+            first = self.throughput.start is None
+            t0 = time.perf_counter()
+            split.trainable, opt_state, split.rngs, metrics = self.train_step(
+                split.trainable,
+                opt_state,
+                split.rngs,
+                split.frozen,
+                to_device(host_batch, self.mesh),
+                np.float32(lr),
+            )
+            self.done = step + 1
+            if first:
+                # A stage's first step may compile: time throughput from its end.
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - t0
+                self.throughput.restart()
+            else:
+                self.throughput.add(
+                    stats.tokens, flops.step_flops(self.model_config, stats, config.mode)
+                )
+            if first or self.done % config.logging.every == 0 or self.done == hi:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                entry = {
+                    "event": "train",
+                    "step": self.done,
+                    "stage": stage.name,
+                    "loss": values["loss"],
+                    "accuracy": values["accuracy"],
+                    "grad_norm": values["grad_norm"],
+                    "lr": lr,
+                    "answer_tokens": int(values["answer_tokens"]),
+                    "tokens": stats.tokens,
+                }
+                if first:
+                    entry["first_step_s"] = round(compile_s, 3)
+                entry.update(self.throughput.report(self.peak_total))
+                self.record(entry)
+                bar.update(task, status=f"loss {values['loss']:.4f}")
+            bar.update(task, completed=self.done)
+
+            t_pause = None
+            if self.validation is not None and self.done % config.validation.every == 0:
+                jax.block_until_ready(split.trainable)
+                t_pause = time.perf_counter()
+                self._validate(stage.name)
+            if self.done % config.checkpoint.every == 0 or self.done == hi or self._stopped():
+                if t_pause is None:
+                    jax.block_until_ready(split.trainable)
+                    t_pause = time.perf_counter()
+                self.checkpointer.save(
+                    self.done,
+                    split.trainable,
+                    opt_state,
+                    split.rngs,
+                    self.meta_for(stage.name, _data_state(iterator)),
+                )
+            if t_pause is not None:
+                self.throughput.pause(time.perf_counter() - t_pause)
+            if self._stopped():
+                return
+
+    def _validate(self, stage: str) -> None:
+        assert self.validation is not None
+        result = self.validation(self.split)
+        improved = self.best is None or result["val_loss"] < self.best["val_loss"]
+        if improved:
+            self.best = {"step": self.done, "stage": stage, **result}
+        self.record(
+            {
+                "event": "validation",
+                "step": self.done,
+                "stage": stage,
+                **result,
+                "best_step": self.best["step"],
+            }
+        )
+        if improved:
+            self.checkpointer.save_best(
+                self.done, self.split.trainable, self.meta_for(stage, data_state=None)
+            )
+
+
+def train(
+    config: TrainConfig,
+    *,
+    data_factory: DataFactory | None = None,
+    stop_at: int | None = None,
+    console: Console | None = None,
+) -> TrainResult:
+    """Runs the curriculum of `config`, resuming from its newest checkpoint if any.
+
+    data_factory: builds each stage's (and the validation) batch iterator; default
+    `mllm_jax.train.data.default_data`. stop_at: stop after this global step (with a
+    checkpoint), e.g. to fit a job's time slot; rerun to continue.
+    Raises CheckpointMismatchError (checkpoint of another config/base), BatchError (bad
+    batch), DataExhaustedError (an iterator ended early) before or while training.
+    """
+    return _Run(config, data_factory or default_data, stop_at, console).run()
+
+
+# ----------------------------------------------------------------------- load_trained
+
+
+def load_trained(
+    run_dir: str | Path,
+    step: int | str | None = None,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: ShardingRules | None = None,
+) -> tuple[nnx.Module, TrainConfig]:
+    """The model of a run with its trained parameters: `step` None = newest checkpoint,
+    an int = that checkpoint, "best" = the best validation step. Without a mesh the
+    model lives on one device. Returns (model, the run's config)."""
+    run_dir = Path(run_dir)
+    config = load_config(TrainConfig, run_dir / CONFIG_FILE)
+    if mesh is None:
+        mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    rules = rules or ShardingRules.default()
+    base = prepare_base(config, run_dir)
+    model = build_model(config, base, mesh, rules)
+    split = split_model(
+        model,
+        config.mode,
+        mesh,
+        rules,
+        master_dtype=jnp.dtype(config.model.master_dtype),
+        frozen_dtype=jnp.dtype(config.model.frozen_dtype),
+    )
+    directory = (
+        str((run_dir / "best").absolute())
+        if step == "best"
+        else config.checkpoint.directory or str((run_dir / "checkpoints").absolute())
+    )
+    checkpointer = Checkpointer(directory, keep=1 << 30, async_save=False)
+    chosen = checkpointer.latest_step() if step in (None, "best") else int(step)
+    if chosen is None or chosen not in checkpointer.all_steps():
+        raise FileNotFoundError(
+            f"{directory}: no checkpoint {'' if step in (None, 'best') else step} "
+            f"(have {checkpointer.all_steps()})"
+        )
+    meta = checkpointer.read_meta(chosen)
+    check_compatible(
+        meta,
+        fingerprint=resume_fingerprint(config),
+        base_sha256=hash_checkpoint(base),
+        where=f"checkpoint {directory}/{chosen}",
+    )
+    target = abstract_like(split.trainable, split.trainable_shardings)
+    trainable = checkpointer.restore(chosen, "trainable", target)
+    checkpointer.close()
+    return split.merge(trainable), config
+
+
+def host_params(state: nnx.State) -> dict[str, np.ndarray]:
+    """Flat {dotted path: numpy array} of a state (for comparisons and export)."""
+    return {
+        ".".join(str(p) for p in path): np.asarray(jax.device_get(var.get_value()))
+        for path, var in nnx.to_flat_state(state)
+    }

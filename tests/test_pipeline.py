@@ -228,6 +228,14 @@ def test_bad_input_gets_clear_errors(shards, fast, tmp_path):
     with pytest.raises(TaskEncodingError, match="over the token budget of 600"):
         next(iter(pipeline(shards, fast, sampling=tight, seq_len=600)))
 
+    from mllm_jax.encoding.sequence import TaskSequenceEncoder
+
+    many = Task(np.zeros((30, 2), np.float32), np.arange(30, dtype=np.int32) % 12, 12, 20,
+                np.zeros(2, bool), "tree", 11, 77)  # fmt: skip
+    encoder = TaskSequenceEncoder(fast, SamplingConfig(min_shots=20, max_shots=20))
+    with pytest.raises(TaskEncodingError, match=r"index=77\): 12 classes .* more than the 10"):
+        encoder(many, np.random.default_rng(0))
+
     task = tasks[5]
     consensus = task.consensus.copy()
     consensus[task.n_train :] = False

@@ -67,7 +67,12 @@ class TaskSequenceEncoder:
         floor = min(self.config.min_shots, len(shots))
         n_shots = len(shots)
         while True:
-            prompt = task_prompt(task, shots[:n_shots], queries, self.config)
+            try:
+                prompt = task_prompt(task, shots[:n_shots], queries, self.config)
+            except ValueError as exc:  # too many classes, infinite values, ...
+                raise TaskEncodingError(
+                    f"task (seed={task.seed}, index={task.index}): {exc}"
+                ) from exc
             encoded = self.tokenizer.encode(prompt)
             over = len(encoded) - budget
             if over <= 0:

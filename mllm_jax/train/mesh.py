@@ -86,6 +86,7 @@ class ShardingRules:
                 "mlp": "tensor",
                 "norm": None,
                 "cache_seq": None,
+                "lora_rank": None,  # LoRA A/B inner dim (mllm_jax.model.lora): tiny, replicated
             }
         )
 

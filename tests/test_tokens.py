@@ -195,3 +195,19 @@ def test_refuses_a_tokenizer_that_does_not_split_digits():
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(ValueError, match="digits"):
         PromptTokenizer(bpe)
+
+
+def test_local_checkpoint_tokenizer_takes_precedence(tokenizer, tmp_path):
+    from mllm_jax.encoding.tokens import load_backend_tokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    local = load_tokenizer(tmp_path)
+    text = render_chat([{"role": "user", "content": "1,2|0 héllo"}], add_generation_prompt=True)
+    assert local(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert local.chat_template == QWEN25_CHAT_TEMPLATE
+    backend = load_backend_tokenizer(tmp_path)
+    assert backend.encode(text).ids == tokenizer(text)["input_ids"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_backend_tokenizer(tmp_path / "missing")

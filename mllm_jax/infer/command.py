@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,8 @@ def predict_command(
         if unseen:
             console.print(
                 f"[yellow]warning: {test} holds labels never seen in {train}: {unseen}; "
-                f"they can never be predicted ({int((~known).sum())} rows count as errors)"
+                f"they can never be predicted ({int((~known).sum())} rows count as errors)",
+                soft_wrap=True,
             )
         summary["accuracy"] = float(np.mean(predictions.astype(object) == truth.to_numpy()))
         summary["unseen_label_rows"] = int((~known).sum())
@@ -121,7 +123,7 @@ def predict_command(
         summary["sources"] = {s: flat.count(s) for s in sorted(set(flat))}
     write_csv_atomic(pd.DataFrame(columns), out)
     line = json.dumps(summary)
-    console.print(line, markup=False, highlight=False)
+    sys.stderr.write(line + "\n")
     if metrics is not None:
         metrics.parent.mkdir(parents=True, exist_ok=True)
         with metrics.open("a") as handle:

@@ -1,0 +1,126 @@
+"""`mllm-jax predict` and `mllm-jax eval --model` end to end on a tiny random model."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from mllm_jax.cli import app
+from mllm_jax.model import init_model, preset, save_hf
+
+# The shapes of tests/test_infer.py, so a run of both compiles each program once.
+OPTIONS = [
+    "--chunk-size",
+    "3",
+    "--batch-size",
+    "2",
+    "--prefill-chunk",
+    "1024",
+    "--dtype",
+    "float32",
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("infer_cli") / "tiny"
+    config = preset("tiny", vocab_size=151936, tie_word_embeddings=True, initializer_range=0.2)
+    save_hf(init_model(config, 0), directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def csvs(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    n = 19
+    frame = pd.DataFrame(
+        {
+            "size": rng.normal(5, 2, n).round(2),
+            "colour": rng.choice(["red", "green", "?"], n),  # "?" reads as missing
+            "count": rng.integers(0, 40, n),
+            "label": rng.choice(["no", "yes"], n),
+        }
+    )
+    directory = tmp_path_factory.mktemp("infer_csv")
+    frame.iloc[:12].to_csv(directory / "train.csv", index=False)
+    test = frame.iloc[12:].copy()
+    test.loc[test.index[0], "label"] = "maybe"  # a label the training file never shows
+    test.to_csv(directory / "test.csv", index=False)
+    return directory
+
+
+def test_predict_writes_probabilities_and_predictions(ckpt, csvs, tmp_path):
+    out = tmp_path / "preds.csv"
+    metrics = tmp_path / "metrics.jsonl"
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            *("--model", str(ckpt), "--train", str(csvs / "train.csv")),
+            *("--test", str(csvs / "test.csv"), "--out", str(out)),
+            *("--metrics", str(metrics), *OPTIONS),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    preds = pd.read_csv(out)
+    assert list(preds.columns) == ["proba_no", "proba_yes", "prediction", "label"]
+    assert len(preds) == 7
+    proba = preds[["proba_no", "proba_yes"]].to_numpy()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_array_equal(preds["prediction"], np.array(["no", "yes"])[proba.argmax(1)])
+    assert "labels never seen in" in result.output and "'maybe'" in result.output
+    summary = json.loads(metrics.read_text().splitlines()[-1])
+    assert summary["rows"] == 7 and summary["unseen_label_rows"] == 1
+    truth = preds["label"].to_numpy()
+    assert summary["accuracy"] == pytest.approx(np.mean(preds["prediction"].to_numpy() == truth))
+    assert summary["rows_per_second"] > 0 and summary["prompt_tokens"] > 0
+
+
+def test_predict_refuses_bad_input(ckpt, csvs, tmp_path):
+    runner = CliRunner()
+    test = pd.read_csv(csvs / "test.csv").drop(columns=["count"])
+    test.to_csv(tmp_path / "short.csv", index=False)
+    out = tmp_path / "preds.csv"
+    base = ["predict", "--model", str(ckpt), "--train", str(csvs / "train.csv"), "--out", str(out)]
+    cases = [
+        (["--test", str(tmp_path / "short.csv")], "missing ['count'], unexpected []"),
+        (["--test", str(csvs / "test.csv"), "--target", "nope"], "no target column 'nope'"),
+        (["--test", str(tmp_path / "absent.csv")], "absent.csv: no such file"),
+        (["--test", str(csvs / "test.csv"), "--mode", "vote"], "mode must be one of"),
+    ]
+    for arguments, message in cases:
+        result = runner.invoke(app, [*base, *arguments])
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+        assert not out.exists()  # nothing half-written
+
+
+def test_eval_with_model_end_to_end(ckpt, tmp_path):
+    out = tmp_path / "eval"
+    options = "chunk_size=3,batch_size=2,prefill_chunk=1024,dtype=float32"
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            *("--data", "iris", "--shots", "8", "--seeds", "0", "--methods", "majority"),
+            *("--max-test", "7", "--out", str(out), "--no-plots", "--fail-fast"),
+            *("--model", str(ckpt), "--model-options", options),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "results.csv")
+    assert set(table["method"]) == {"majority", "mllm"}
+    row = table[table["method"] == "mllm"].iloc[0]
+    assert row["n_test"] == 7 and 0.0 <= row["accuracy"] <= 1.0
+    assert np.isfinite(row["log_loss"])
+
+    bad = CliRunner().invoke(
+        app,
+        [
+            *("eval", "--data", "iris", "--out", str(tmp_path / "x"), "--model", str(ckpt)),
+            *("--model-options", "chunks=3"),
+        ],
+    )
+    assert bad.exit_code == 2 and "unknown model options ['chunks']" in bad.output

@@ -15,7 +15,6 @@ from mllm_jax.model.lora import (
     DEFAULT_TARGETS,
     LORA_RANK_AXIS,
     LoRAConfig,
-    LoRADropoutKey,
     LoRAError,
     LoRAParam,
     apply_lora,
@@ -26,8 +25,6 @@ from mllm_jax.model.lora import (
     merge_lora,
     merged_copy,
     remove_lora,
-    reseed_lora_dropout,
-    set_lora_dropout_key,
     unmerge_lora,
 )
 from mllm_jax.train.mesh import ShardingRules, make_mesh, state_shardings
@@ -308,79 +305,82 @@ def test_jitted_lora_step_differentiates_and_updates_only_adapters(base):
 # ------------------------------------------------------------------------- dropout
 
 
-def test_dropout_is_off_until_train_mode_and_a_pure_function_of_its_key(base):
+def test_dropout_is_off_until_train_mode_and_deterministic_per_key(base):
     plain = _lora_model(base, LoRAConfig(), key=1)
     dropped = _lora_model(base, LoRAConfig(dropout=0.5), key=1)
     expected = np.asarray(FORWARD(plain, IDS))
-    assert len(nnx.to_flat_state(nnx.state(dropped, LoRADropoutKey))) == len(lora_layers(dropped))
     # Created inactive: inference never drops.
     np.testing.assert_array_equal(np.asarray(FORWARD(dropped, IDS)), expected)
+    twin = _lora_model(base, LoRAConfig(dropout=0.5), key=1)
     dropped.train()
-    first = np.asarray(FORWARD(dropped, IDS))
+    twin.train()
+    first, second = np.asarray(FORWARD(dropped, IDS)), np.asarray(FORWARD(dropped, IDS))
     assert np.abs(first - expected).max() > 1e-3
-    np.testing.assert_array_equal(np.asarray(FORWARD(dropped, IDS)), first)  # no hidden state
-    set_lora_dropout_key(dropped, 11)
-    eleven = np.asarray(FORWARD(dropped, IDS))
-    assert np.abs(eleven - first).max() > 1e-3
-    set_lora_dropout_key(dropped, 12)
-    assert np.abs(np.asarray(FORWARD(dropped, IDS)) - eleven).max() > 1e-3
-    set_lora_dropout_key(dropped, 11)
-    np.testing.assert_array_equal(np.asarray(FORWARD(dropped, IDS)), eleven)
-    # Each adapter draws its own mask: the per-path keys all differ.
+    assert np.abs(first - second).max() > 1e-3  # the stream advances per call
+    np.testing.assert_array_equal(np.asarray(FORWARD(twin, IDS)), first)  # same key, same masks
+    np.testing.assert_array_equal(np.asarray(FORWARD(twin, IDS)), second)
+    # One stream per adapter, each with its own key.
     keys = [
-        jax.random.key_data(v.get_value())
-        for _, v in nnx.to_flat_state(nnx.state(dropped, LoRADropoutKey))
+        np.asarray(jax.random.key_data(v.get_value())).tobytes()
+        for _, v in nnx.to_flat_state(nnx.state(dropped, nnx.RngKey))
     ]
-    assert len({np.asarray(k).tobytes() for k in keys}) == len(keys)
+    assert len(set(keys)) == len(keys) == len(lora_layers(dropped))
     dropped.eval()
     np.testing.assert_array_equal(np.asarray(FORWARD(dropped, IDS)), expected)
 
 
-def test_dropout_in_a_functional_jitted_step_follows_the_step_key(base):
-    """The pattern of a jax.jit trainer: reseed the frozen half with the step's key inside
-    the step; same key, same loss and gradients (resume needs no extra state)."""
-    model = _lora_model(base, LoRAConfig(dropout=0.3), key=2)
-    model.train()
-    graphdef, params, rest = nnx.split(model, LoRAParam, ...)
+def _functional_step(graphdef, remat):
+    """A train step as a jax.jit trainer writes it: trainable LoRAParam, the RngState
+    carried in and out, the rest frozen; per-layer remat on request."""
     targets = jnp.roll(IDS, -1, axis=1)
 
     @jax.jit
-    def step(params, rest, key):
-        rest = reseed_lora_dropout(rest, key)
-
+    def step(params, rngs, rest):
         def loss_fn(params):
-            logits = nnx.merge(graphdef, params, rest)(IDS)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            # copy=True: fresh Variables at this trace level, or nnx.remat refuses to
+            # update the non-differentiated ones from inside jax.grad.
+            model = nnx.merge(graphdef, params, rngs, rest, copy=True)
+            logits = model(IDS, remat=remat)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            return loss, nnx.state(model, nnx.RngState)
 
-        return jax.value_and_grad(loss_fn)(params)
+        (loss, new_rngs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, grads, new_rngs
 
-    loss0, grads0 = step(params, rest, jax.random.key(0))
-    loss1, _ = step(params, rest, jax.random.key(1))
-    loss0_again, grads0_again = step(params, rest, jax.random.key(0))
+    return step
+
+
+def test_dropout_in_a_functional_jitted_step_carries_the_rng_state(base):
+    """The advanced RngState comes out of the step; feeding the same state replays the
+    same masks (what a resumed run relies on), also under per-layer remat."""
+    model = _lora_model(base, LoRAConfig(dropout=0.3), key=2)
+    model.train()
+    graphdef, params, rngs, rest = nnx.split(model, LoRAParam, nnx.RngState, ...)
+    step = _functional_step(graphdef, remat=True)
+    loss0, grads0, rngs1 = step(params, rngs, rest)
+    loss1, _, rngs2 = step(params, rngs1, rest)
+    loss0_again, grads0_again, _ = step(params, rngs, rest)
     assert float(loss0) != float(loss1)
     assert float(loss0) == float(loss0_again)
     for g, h in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads0_again), strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(h))
+    counts = [int(v.get_value()) for _, v in nnx.to_flat_state(nnx.state(rngs2, nnx.RngCount))]
+    assert len(counts) == len(lora_layers(model)) and set(counts) == {2}
 
 
 @pytest.mark.slow
 def test_dropout_masks_survive_rematerialisation(base):
-    """Gradients with dropout are the same with and without per-layer remat (the mask is
-    recomputed from the key, not drawn twice)."""
+    """Gradients with dropout are the same with and without per-layer remat: the
+    recomputation redraws the very same masks."""
     model = _lora_model(base, LoRAConfig(dropout=0.3), key=2)
     model.train()
-
-    @nnx.jit(static_argnums=1)
-    def grads(model, remat):
-        def loss_fn(model):
-            return model(IDS, remat=remat).std()
-
-        return nnx.grad(loss_fn, argnums=nnx.DiffState(0, LoRAParam))(model)
-
-    with_remat, without = grads(model, True), grads(model, False)
-    for g, h in zip(jax.tree.leaves(with_remat), jax.tree.leaves(without), strict=True):
+    graphdef, params, rngs, rest = nnx.split(model, LoRAParam, nnx.RngState, ...)
+    loss, grads, _ = _functional_step(graphdef, remat=True)(params, rngs, rest)
+    loss_plain, grads_plain, _ = _functional_step(graphdef, remat=False)(params, rngs, rest)
+    np.testing.assert_allclose(float(loss), float(loss_plain), rtol=1e-6)
+    for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_plain), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-7)
-    assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(with_remat))
+    assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
 
 
 # ------------------------------------------------------------------------- sharding

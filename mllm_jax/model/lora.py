@@ -15,13 +15,12 @@ a trainer differentiating `nnx.DiffState(0, LoRAParam)` never materialises base-
 gradients, and code that reads `nnx.Param` (HF export, full fine-tuning) never sees an
 adapter by accident.
 
-Dropout (off by default: the reference uses 0) is a pure function of a key: each adapter
-holds a `LoRADropoutKey` variable and never mutates it, so a forward pass has no side
-effects (it rematerialises and differentiates like any function of its inputs). A trainer
-sets fresh keys every (micro-)step with `reseed_lora_dropout(state, key)` (or
-`set_lora_dropout_key(model, key)`); a key left alone repeats the same masks. Adapters are
-created inactive (`deterministic=True`): `model.train()` turns dropout on, `model.eval()`
-off again, so inference never drops by accident.
+Dropout (off by default: the reference uses 0) is an `nnx.Dropout` with its own RNG
+stream per adapter (an `nnx.RngKey` seeded from apply_lora's key and the adapter's path,
+and an `nnx.RngCount` that every training forward advances by one). It is created
+inactive: `model.train()` turns it on, `model.eval()` off, so inference never drops by
+accident. A functional train step carries the `nnx.RngState` through the step (returns
+the advanced state) and checkpoints it; then a resumed run replays the same masks.
 """
 
 from __future__ import annotations
@@ -97,18 +96,13 @@ class LoRAParam(nnx.Variable):
     """A LoRA adapter weight (A or B). Not an `nnx.Param`: see the module docstring."""
 
 
-class LoRADropoutKey(nnx.Variable):
-    """The PRNG key of one adapter's dropout mask (only when dropout > 0); frozen, never
-    differentiated, replaced by `reseed_lora_dropout`."""
-
-
 class LoRA(nnx.Module):
     """The adapter of one Linear: adds (dropout(x) @ A @ B) * alpha / rank to its output.
 
     a: f32[in, r], b: f32[r, out] (LoRAParam, logical axes of the kernel's dims with the
     rank dim named LORA_RANK_AXIS). `merged` is True while the update is folded into the
     base kernel (`merge_lora`); the adapter then adds nothing. With dropout > 0,
-    `dropout_key` (LoRADropoutKey) draws the mask while `deterministic` is False.
+    `dropout` is an inactive `nnx.Dropout` with its own RNG stream (see module docstring).
     """
 
     def __init__(
@@ -133,14 +127,20 @@ class LoRA(nnx.Module):
             raise LoRAError(f"LoRA dropout must be in [0, 1), got {dropout}")
         if dropout > 0 and dropout_key is None:
             raise LoRAError(f"LoRA dropout {dropout} needs a dropout_key")
-        self.dropout_rate = float(dropout)
-        self.dropout_key = nnx.data(LoRADropoutKey(dropout_key) if dropout > 0 else None)
         # Inactive until model.train(): inference never drops by accident.
-        self.deterministic = True
+        self.dropout = nnx.data(
+            nnx.Dropout(dropout, deterministic=True, rngs=nnx.Rngs(dropout=dropout_key))
+            if dropout > 0
+            else None
+        )
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def dropout_rate(self) -> float:
+        return 0.0 if self.dropout is None else float(self.dropout.rate)
 
     def delta(self) -> jax.Array:
         """f32[in, out]: the update A @ B * alpha / rank, in full float32 precision."""
@@ -158,10 +158,8 @@ class LoRA(nnx.Module):
             return y
         dtype = self.compute_dtype
         h = x.astype(dtype)
-        if self.dropout_key is not None and not self.deterministic:
-            keep = 1.0 - self.dropout_rate
-            mask = jax.random.bernoulli(self.dropout_key[...], keep, h.shape)
-            h = jnp.where(mask, h / jnp.asarray(keep, dtype), jnp.zeros_like(h))
+        if self.dropout is not None:
+            h = self.dropout(h)
         low = jnp.matmul(h, self.a[...].astype(dtype), preferred_element_type=jnp.float32)
         update = jnp.matmul(
             low.astype(dtype), self.b[...].astype(dtype), preferred_element_type=jnp.float32
@@ -287,8 +285,9 @@ def apply_lora(
 ) -> list[str]:
     """Attaches a fresh adapter, in place, to every Linear that `config.targets` selects.
 
-    key: PRNG key (or int seed) for the A init and the initial dropout keys; adapter i
-    (in path order) draws A from fold_in(init key, i).
+    key: PRNG key (or int seed) for the A init and the dropout streams; adapter i (in
+    path order) draws A from fold_in(init key, i), its dropout stream starts from a key
+    folded with a hash of its path.
     mesh/rules: place A and B straight into their shardings (`mllm_jax.train.mesh`);
     without a mesh they are left on the default device.
     Returns the dotted paths of the adapted linears. Raises LoRAError if a pattern
@@ -330,44 +329,16 @@ def apply_lora(
             b,
             alpha=config.alpha,
             dropout=config.dropout,
-            dropout_key=(
-                _stream_key(dropout_key, f"{p}.lora.dropout_key") if config.dropout > 0 else None
-            ),
+            dropout_key=(_path_key(dropout_key, p) if config.dropout > 0 else None),
             path=p,
         )
     return paths
 
 
-# --------------------------------------------------------------------------- dropout
-
-
-def _stream_key(key: jax.Array, path: str) -> jax.Array:
-    # A stable hash of the adapter's path: its key does not depend on which other
-    # variables a state holds or on their order.
+def _path_key(key: jax.Array, path: str) -> jax.Array:
+    # A stable hash of the adapter's path: its stream does not depend on which other
+    # linears are targeted.
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-
-
-def reseed_lora_dropout(state: nnx.State, key: jax.Array) -> nnx.State:
-    """`state` with every LoRADropoutKey replaced by fold_in(key, hash of its path in
-    `state`).
-
-    Pure and jit-able: a functional train step calls it on the state that holds the keys
-    (e.g. its frozen half) with the step's key, folded with the micro-batch index under
-    gradient accumulation. Variables other than dropout keys are returned as they are.
-    """
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        if isinstance(var, LoRADropoutKey):
-            var = var.replace(_stream_key(key, _path_str(path)))
-        flat.append((path, var))
-    return nnx.from_flat_state(flat)
-
-
-def set_lora_dropout_key(model: nnx.Module, key: jax.Array | int) -> None:
-    """Reseeds every adapter's dropout of `model` in place (the stateful API's
-    `reseed_lora_dropout`); call once per training step with a fresh key."""
-    key = jax.random.key(key) if isinstance(key, int) else key
-    nnx.update(model, reseed_lora_dropout(nnx.state(model, LoRADropoutKey), key))
 
 
 def remove_lora(model: nnx.Module) -> list[str]:

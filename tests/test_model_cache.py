@@ -14,9 +14,11 @@ from flax import nnx
 from mllm_jax.model import (
     KVCache,
     generate_greedy,
+    init_model,
     load_hf,
     prefill,
     prefill_prefix,
+    preset,
     score_with_prefix,
 )
 from mllm_jax.model.testing import save_hf_model
@@ -156,3 +158,16 @@ def test_greedy_generation_with_chunked_prefill(setup, generation_case):
     prompts, eos, expected = generation_case
     chunked = generate_greedy(model, prompts, max_new_tokens=8, eos_token_id=eos, prefill_chunk=4)
     assert chunked.as_lists() == expected
+
+
+def test_cache_overflow_is_refused_outside_jit():
+    config = preset("tiny")
+    model = init_model(config)
+    cache = KVCache.create(config, 1, 4)
+    ids = jnp.ones((1, 5), jnp.int32)
+    with pytest.raises(
+        ValueError, match="KV cache overflow: 0 slots filled \\+ 5 new tokens > max_len 4"
+    ):
+        model(ids, jnp.arange(5, dtype=jnp.int32)[None], None, cache)
+    with pytest.raises(ValueError, match="positions are required"):
+        model(ids, cache=cache)

@@ -157,6 +157,20 @@ class DecoderLayer(nnx.Module):
         return h, kv
 
 
+def _check_cache_room(cache: KVCache, new_tokens: int) -> None:
+    """Refuses to overflow a cache when its fill level is known (outside jit); inside
+    jit the caller sizes the cache (an overflowing write would be clamped silently)."""
+    try:
+        filled = int(cache.length)
+    except jax.errors.ConcretizationTypeError:
+        return
+    if filled + new_tokens > cache.max_len:
+        raise ValueError(
+            f"KV cache overflow: {filled} slots filled + {new_tokens} new tokens > max_len "
+            f"{cache.max_len}"
+        )
+
+
 def _run_layer(layer: DecoderLayer, h, ctx, kv, prefix_kv):
     return layer(h, ctx, kv, prefix_kv)
 
@@ -252,6 +266,7 @@ class Qwen2ForCausalLM(nnx.Module):
         if cache is not None:
             if cache.batch != b:
                 raise ValueError(f"cache batch {cache.batch} != input batch {b}")
+            _check_cache_room(cache, t)
             write_index = cache.length
             cache = cache.write_metadata(positions, segment_ids)
             kv_positions, kv_segment_ids = cache.positions, cache.segment_ids

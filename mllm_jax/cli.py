@@ -96,11 +96,16 @@ def eval_(
 
 @app.command("predict")
 def predict(
-    model: Annotated[Path, typer.Option(help="Model directory (HF Qwen2 checkpoint).")],
+    model: Annotated[
+        Path, typer.Option(help="HF Qwen2 checkpoint directory, or a training run directory.")
+    ],
     train: Annotated[Path, typer.Option(help="Training CSV: the in-context examples.")],
     test: Annotated[Path, typer.Option(help="CSV of the rows to classify.")],
     out: Annotated[Path, typer.Option(help="Output CSV: proba_<class> columns + prediction.")],
     target: Annotated[str, typer.Option(help="Label column of the training CSV.")] = "label",
+    adapter: Annotated[
+        Path | None, typer.Option(help="PEFT LoRA adapter directory to apply to --model.")
+    ] = None,
     mode: Annotated[
         str, typer.Option(help="'score' (label probabilities) or 'generate'.")
     ] = "score",
@@ -131,6 +136,7 @@ def predict(
             out,
             target,
             metrics,
+            adapter_path=None if adapter is None else str(adapter),
             mode=mode,
             prompt_format="raw" if raw_prompt else "chat",
             n_shots=shots,

@@ -373,3 +373,61 @@ def test_bad_model_and_options(tmp_path, fitted):
     small = nnx.eval_shape(lambda: Qwen2ForCausalLM(preset("tiny"), rngs=nnx.Rngs(0)))
     with pytest.raises(ModelLoadError, match="vocab_size 512 is smaller than the tokenizer"):
         from_model(small)
+
+
+# ----------------------------------------------------------- adapters, train runs
+
+
+def test_base_plus_peft_adapter_equals_the_merged_checkpoint(ckpt, fitted, tmp_path):
+    """`adapter_path` (a PEFT LoRA directory on the base) scores like the merged export."""
+    from mllm_jax.export import save_merged_hf, save_peft_adapter
+    from mllm_jax.model import load_hf
+    from mllm_jax.model.lora import LoRAConfig, apply_lora, lora_layers
+
+    base_clf, shots, y = fitted
+    model = load_hf(ckpt)
+    apply_lora(model, LoRAConfig(rank=2, alpha=4.0), key=1)
+    rng = np.random.default_rng(0)
+    for linear in lora_layers(model).values():  # B starts at zero; make the adapter matter
+        linear.lora.b.set_value(jnp.asarray(rng.normal(0, 0.3, linear.lora.b.shape), jnp.float32))
+    save_peft_adapter(model, tmp_path / "adapter")
+    save_merged_hf(model, tmp_path / "merged")
+    test = table(4, 18, text=True)
+    adapted = MLLMClassifier(str(ckpt), adapter_path=str(tmp_path / "adapter"), **COMMON)
+    merged = MLLMClassifier(str(tmp_path / "merged"), **COMMON)
+    p_adapted = adapted.fit(shots, y).predict_proba(test)
+    p_merged = merged.fit(shots, y).predict_proba(test)
+    np.testing.assert_allclose(p_adapted, p_merged, atol=1e-6)
+    assert np.abs(p_adapted - base_clf.predict_proba(test)).max() > 1e-3
+    with pytest.raises(ModelLoadError, match="adapter directory not found"):
+        MLLMClassifier(str(ckpt), adapter_path=str(tmp_path / "nope"), **COMMON).fit(shots, y)
+    with pytest.raises(ModelLoadError, match="no adapter_config.json"):
+        MLLMClassifier(str(ckpt), adapter_path=str(tmp_path), **COMMON).fit(shots, y)
+
+
+@pytest.mark.slow
+def test_training_run_directory(ckpt, fitted, tmp_path):
+    """A `mllm-jax train` run (LoRA on the tiny base) loads by its directory, newest step
+    by default; equal to its merged export."""
+    from mllm_jax.config import load_config
+    from mllm_jax.export import save_merged_hf
+    from mllm_jax.train.config import TrainConfig
+    from mllm_jax.train.loop import load_trained, train
+
+    data = "{kind: synthetic, seed: 1, synthetic: {batch_size: 2, seq_len: 48}}"
+    (tmp_path / "run.yaml").write_text(
+        f"mode: lora\nlora: {{rank: 2}}\nmodel: {{base: {ckpt}, compute_dtype: float32, "
+        "frozen_dtype: float32}\n"
+        f"stages:\n  - {{name: main, steps: 2, learning_rate: 0.05, data: {data}}}\n"
+        "mesh: {data: 1, fsdp: 1, tensor: 1}\nmax_answer_tokens: 16\n"
+        "logging: {progress: false}\n"
+    )
+    run = tmp_path / "run"
+    train(load_config(TrainConfig, tmp_path / "run.yaml", [f"run_dir={run}"]))
+    model, _ = load_trained(run)
+    save_merged_hf(model, tmp_path / "merged")
+    _, shots, y = fitted
+    test = table(4, 19, text=True)
+    from_run = MLLMClassifier(str(run), **COMMON).fit(shots, y).predict_proba(test)
+    exported = MLLMClassifier(str(tmp_path / "merged"), **COMMON).fit(shots, y)
+    np.testing.assert_allclose(from_run, exported.predict_proba(test), atol=1e-6)

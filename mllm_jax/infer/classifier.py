@@ -61,7 +61,11 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
 
     Args:
         model_path: Hugging Face Qwen2 checkpoint directory (config.json + safetensors;
-            its tokenizer.json when present, else the packaged Qwen2.5 tokenizer).
+            its tokenizer.json when present, else the packaged Qwen2.5 tokenizer), or a
+            `mllm-jax train` run directory.
+        adapter_path: a PEFT LoRA adapter directory applied to `model_path` (merged).
+        checkpoint_step: which checkpoint of a training run: None (newest), "best" or a
+            step number.
         mode: "score" (label probabilities slot by slot, no parsing) or "generate"
             (greedy JSON answer + the reference's parsing fallbacks).
         prompt_format: "chat" (Qwen2.5 ChatML, as trained) or "raw" (system + "\\n" +
@@ -89,6 +93,8 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         self,
         model_path: str,
         *,
+        adapter_path: str | None = None,
+        checkpoint_step: int | str | None = None,
         mode: str = "score",
         prompt_format: str = "chat",
         n_shots: int | None = None,
@@ -107,6 +113,8 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         verbose: bool = False,
     ) -> None:
         self.model_path = model_path
+        self.adapter_path = adapter_path
+        self.checkpoint_step = checkpoint_step
         self.mode = mode
         self.prompt_format = prompt_format
         self.n_shots = n_shots
@@ -149,6 +157,8 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         try:
             return load_model(
                 self.model_path,
+                adapter=self.adapter_path,
+                step=self.checkpoint_step,
                 dtype=self.dtype,
                 yarn_factor=self.yarn_factor,
                 attention_query_chunk=self.attention_query_chunk,

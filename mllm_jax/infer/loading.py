@@ -1,10 +1,16 @@
 """Loading a model for inference: weights, tokenizer, context limit, a small reuse cache.
 
-`load_model` reads a Hugging Face Qwen2 directory (the primary input; our `save_hf`
-export, a merged MachineLearningLM release, a plain Qwen2.5) and pairs it with its
-tokenizer: the directory's own `tokenizer.json` when it has one, else the packaged
-offline Qwen2.5 tokenizer. YaRN can be switched on at load time (`yarn_factor`), as the
-reference's vLLM runner did for MachineLearningLM-7B-v1 (factor 4 over 32,768 positions).
+`load_model` reads
+- a Hugging Face Qwen2 directory (the primary input: our `save_hf` export, the merged
+  MachineLearningLM-7B-v1 release, a plain Qwen2.5),
+- the same plus a PEFT LoRA adapter directory (`adapter=`; merged into the weights in
+  float32, then cast to the parameter dtype),
+- or a training run directory of `mllm-jax train` (its `config.yaml` + orbax
+  checkpoints; `step=` picks one, default the newest, "best" the best validation step),
+and pairs it with a tokenizer: the (base) checkpoint directory's own `tokenizer.json`
+when it has one, else the packaged offline Qwen2.5 tokenizer. YaRN can be switched on at
+load time (`yarn_factor`), as the reference's vLLM runner did for MachineLearningLM-7B-v1
+(factor 4 over 32,768 positions).
 
 Loading a 7B checkpoint takes a while and every `MLLMClassifier` the evaluation harness
 creates (one per fit) names the same directory, so loaded models are kept in a cache of
@@ -84,11 +90,25 @@ def _with_yarn(config: Qwen2Config, factor: float | None) -> YarnScaling | None:
     )
 
 
-def _stamp(directory: Path) -> tuple:
+def _stamp(directory: Path | None) -> tuple:
     """File names, sizes and modification times: a changed checkpoint is a new cache key."""
+    if directory is None:
+        return ()
     return tuple(
-        sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir())
+        sorted(
+            (str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in directory.rglob("*")
+            if p.is_file()
+        )
     )
+
+
+TRAIN_RUN_CONFIG = "config.yaml"
+"""A directory with this file and no config.json is a `mllm-jax train` run."""
+
+
+def is_train_run(directory: Path) -> bool:
+    return (directory / TRAIN_RUN_CONFIG).is_file() and not (directory / "config.json").is_file()
 
 
 _CACHE: OrderedDict[tuple, LoadedModel] = OrderedDict()
@@ -97,16 +117,21 @@ _CACHE: OrderedDict[tuple, LoadedModel] = OrderedDict()
 def load_model(
     path: str | os.PathLike[str],
     *,
+    adapter: str | os.PathLike[str] | None = None,
+    step: int | str | None = None,
     dtype: str | None = None,
     yarn_factor: float | None = None,
     attention_backend: str | None = None,
     attention_query_chunk: int | None = None,
     use_cache: bool = True,
 ) -> LoadedModel:
-    """Loads an HF Qwen2 checkpoint directory for inference.
+    """Loads a model for inference (see the module docstring for what `path` may be).
 
     Args:
-        path: directory with config.json + safetensors (optionally tokenizer.json).
+        path: HF checkpoint directory (config.json + safetensors, optionally
+            tokenizer.json) or a `mllm-jax train` run directory.
+        adapter: a PEFT LoRA adapter directory to apply to the HF checkpoint.
+        step: which checkpoint of a training run (None newest, "best", or a step).
         dtype: parameter and compute dtype ("float32", "bfloat16"); None keeps the
             checkpoint's dtype.
         yarn_factor: switch YaRN rope scaling on with this factor (over the config's
@@ -118,13 +143,25 @@ def load_model(
     directory = Path(path)
     if not directory.is_dir():
         raise ModelLoadError(f"{directory}: model directory not found")
-    if not (directory / "config.json").is_file():
+    train_run = is_train_run(directory)
+    if not train_run and not (directory / "config.json").is_file():
         raise ModelLoadError(
-            f"{directory}: no config.json; expected a Hugging Face Qwen2 checkpoint directory"
+            f"{directory}: no config.json; expected a Hugging Face Qwen2 checkpoint directory "
+            f"(or a training run with {TRAIN_RUN_CONFIG})"
         )
+    if train_run and adapter is not None:
+        raise ModelLoadError(f"{directory}: a training run takes no separate adapter")
+    if step is not None and not train_run:
+        raise ModelLoadError(f"{directory}: step= applies to training runs only")
+    adapter_dir = None if adapter is None else Path(adapter)
+    if adapter_dir is not None and not adapter_dir.is_dir():
+        raise ModelLoadError(f"{adapter_dir}: adapter directory not found")
     key = (
         str(directory.resolve()),
         _stamp(directory),
+        None if adapter_dir is None else str(adapter_dir.resolve()),
+        _stamp(adapter_dir),
+        step,
         dtype,
         yarn_factor,
         attention_backend,
@@ -134,23 +171,73 @@ def load_model(
         _CACHE.move_to_end(key)
         return _CACHE[key]
 
-    base = Qwen2Config.from_json_file(directory / "config.json")
-    runtime: dict[str, Any] = {"rope_scaling": _with_yarn(base, yarn_factor)}
-    if dtype is not None:
-        runtime["compute_dtype"] = dtype
-    elif base.param_dtype != "float32":
-        runtime["compute_dtype"] = base.param_dtype
-    if attention_backend is not None:
-        runtime["attention_backend"] = attention_backend
-    if attention_query_chunk is not None:
-        runtime["attention_query_chunk"] = attention_query_chunk
-    model = load_hf(directory, dtype, **runtime)
-    loaded = _assemble(model, directory, source=str(directory))
+    def runtime_for(config: Qwen2Config) -> dict[str, Any]:
+        runtime: dict[str, Any] = {"rope_scaling": _with_yarn(config, yarn_factor)}
+        if dtype is not None:
+            runtime["compute_dtype"] = dtype
+        elif config.param_dtype != "float32":
+            runtime["compute_dtype"] = config.param_dtype
+        if attention_backend is not None:
+            runtime["attention_backend"] = attention_backend
+        if attention_query_chunk is not None:
+            runtime["attention_query_chunk"] = attention_query_chunk
+        return runtime
+
+    if train_run:
+        model, tokenizer_dir = _load_train_run(directory, step)
+        changes = runtime_for(model.config)
+        if dtype is not None:
+            changes["param_dtype"] = dtype
+        model = _rebuilt(model, **changes)
+        source = f"{directory} (training run, step {step or 'newest'})"
+    else:
+        config = Qwen2Config.from_json_file(directory / "config.json")
+        model = load_hf(directory, dtype, **runtime_for(config))
+        tokenizer_dir, source = directory, str(directory)
+        if adapter_dir is not None:
+            model = _with_adapter(model, adapter_dir)
+            source = f"{directory} + adapter {adapter_dir}"
+    loaded = _assemble(model, tokenizer_dir, source=source)
     if use_cache:
         _CACHE[key] = loaded
         while len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
     return loaded
+
+
+def _with_adapter(model: Qwen2ForCausalLM, adapter_dir: Path) -> Qwen2ForCausalLM:
+    """The model with a PEFT LoRA adapter folded into its kernels (no adapter left)."""
+    from mllm_jax.export import load_peft_adapter
+    from mllm_jax.model.lora import LoRAError, merged_copy
+
+    try:
+        load_peft_adapter(model, adapter_dir)
+    except LoRAError as error:
+        raise ModelLoadError(str(error)) from error
+    return merged_copy(model)
+
+
+def _load_train_run(directory: Path, step: int | str | None) -> tuple[Qwen2ForCausalLM, Path]:
+    """(the trained model with any LoRA merged in, the directory of its base checkpoint)."""
+    from mllm_jax.model.lora import lora_layers, merged_copy
+    from mllm_jax.train.loop import load_trained, prepare_base
+
+    model, config = load_trained(directory, step)
+    if lora_layers(model):
+        model = merged_copy(model)
+    return model, prepare_base(config, directory)
+
+
+def _rebuilt(model: Qwen2ForCausalLM, **changes: Any) -> Qwen2ForCausalLM:
+    """The same weights in a model built from `model.config.replace(**changes)` (runtime
+    fields: dtypes, rope scaling, attention options), parameters cast to its dtype."""
+    config = model.config.replace(**changes)
+    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    values = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(values[path].get_value().astype(var.dtype))
+    return nnx.merge(graphdef, state)
 
 
 def from_model(

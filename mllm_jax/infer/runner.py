@@ -1,8 +1,8 @@
 """The host side of inference: batches chunks, pads to shape buckets, calls the engine.
 
-Shapes are rounded up (prefix to whole prefill chunks, query parts to multiples of 256
-tokens, the batch to `batch_size` rows by repeating a chunk) so that a run over many
-tables compiles a handful of programs instead of one per table.
+Shapes are rounded up (prefixes to multiples of 512 tokens per prefill call, query parts
+to multiples of 256, the batch to `batch_size` rows by repeating a chunk) so that a run
+over many tables compiles a handful of programs instead of one per table.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from mllm_jax.infer.loading import LoadedModel
 from mllm_jax.infer.prompts import AnswerFrame, ChunkedPrompt, answer_frame
 from mllm_jax.model import KVCache
 
+PREFIX_BUCKET = 512
 QUERY_BUCKET = 256
-"""Query parts are padded to a multiple of this many tokens."""
+"""Prefixes and query parts are padded to multiples of these many tokens per model call."""
 
 Progress = Callable[[int], None]
 """Called with the number of test rows just finished."""
@@ -67,10 +68,13 @@ def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
-def query_width(longest: int, chunk: int) -> int:
-    """Padded width of the query parts: a multiple of QUERY_BUCKET, and of `chunk` above it."""
-    width = _round_up(longest, QUERY_BUCKET)
-    return width if width <= chunk else _round_up(longest, chunk)
+def plan_calls(tokens: int, max_chunk: int, bucket: int) -> tuple[int, int]:
+    """(chunk, width): `tokens` run in the fewest calls of at most ~max_chunk tokens,
+    each call a multiple of `bucket` (so padding stays under one bucket per call and
+    similar lengths share a compilation); width = calls x chunk."""
+    calls = -(-tokens // max_chunk)
+    chunk = _round_up(-(-tokens // calls), bucket)
+    return chunk, calls * chunk
 
 
 def check_context(loaded: LoadedModel, needed: int, what: str) -> None:
@@ -104,9 +108,9 @@ def _left_pad(rows: Sequence[np.ndarray], width: int, start: int, pad_id: int):
     return jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(segments)
 
 
-def prefill(loaded: LoadedModel, prefix: np.ndarray, chunk: int) -> KVCache:
-    """The prefix in a batch-1 cache, left-padded to a whole number of `chunk` tokens."""
-    width = _round_up(len(prefix), chunk)
+def prefill(loaded: LoadedModel, prefix: np.ndarray, max_chunk: int) -> KVCache:
+    """The prefix in a batch-1 cache, left-padded to whole calls (`plan_calls`)."""
+    chunk, width = plan_calls(len(prefix), max_chunk, PREFIX_BUCKET)
     ids, positions, segments = _left_pad([prefix], width, 0, loaded.prompt_tokenizer.pad_id)
     return prefill_prefix(loaded.graphdef, loaded.state, ids, positions, segments, chunk=chunk)
 
@@ -124,14 +128,15 @@ def _queries(
     prefix: KVCache | None,
     drop_tail: int = 0,
 ):
-    """Padded query arrays for a batch (full prompts when the prefix is not reused)."""
+    """(tokens per model call, (ids, positions, segments) i32[batch_size, width]) of a
+    batch of query parts, left-padded (whole prompts when the prefix is not reused)."""
     rows = [prompt.queries[c][: len(prompt.queries[c]) - drop_tail] for c in chunks]
     if prefix is None:
         rows = [np.concatenate([prompt.prefix, r]) for r in rows]
     rows += [rows[0]] * (settings.batch_size - len(rows))  # fixed batch shape
-    width = query_width(max(len(r) for r in rows), settings.prefill_chunk)
+    chunk, width = plan_calls(max(len(r) for r in rows), settings.prefill_chunk, QUERY_BUCKET)
     start = 0 if prefix is None else len(prompt.prefix)
-    return _left_pad(rows, width, start, loaded.prompt_tokenizer.pad_id)
+    return chunk, _left_pad(rows, width, start, loaded.prompt_tokenizer.pad_id)
 
 
 def _label_tokens(loaded: LoadedModel) -> jnp.ndarray:
@@ -165,7 +170,7 @@ def score_prompt(
     label_tokens = _label_tokens(loaded)
     out = np.zeros((prompt.rows[-1].stop, n_classes), np.float32)
     for chunks in _batches(prompt, settings.batch_size):
-        ids, positions, segments = _queries(loaded, prompt, chunks, settings, prefix)
+        chunk, (ids, positions, segments) = _queries(loaded, prompt, chunks, settings, prefix)
         log_probs = score_chunks(
             loaded.graphdef,
             loaded.state,
@@ -177,7 +182,7 @@ def score_prompt(
             jnp.asarray(step_segments),
             label_tokens,
             jnp.int32(n_classes),
-            chunk=settings.prefill_chunk,
+            chunk=chunk,
         )
         log_probs = np.asarray(log_probs)
         for b, c in enumerate(chunks):
@@ -210,7 +215,7 @@ def generate_prompt(
     tok = loaded.prompt_tokenizer
     out: list[GeneratedChunk | None] = [None] * len(prompt.queries)
     for chunks in _batches(prompt, settings.batch_size):
-        ids, positions, segments = _queries(
+        chunk, (ids, positions, segments) = _queries(
             loaded, prompt, chunks, settings, prefix, drop_tail=prompt.answer_head
         )
         tokens, lengths, label_lp = generate_chunks(
@@ -224,7 +229,7 @@ def generate_prompt(
             jnp.int32(tok.pad_id),
             label_tokens,
             jnp.int32(n_classes),
-            chunk=settings.prefill_chunk,
+            chunk=chunk,
             max_new_tokens=max_new_tokens,
         )
         tokens, lengths, label_lp = np.asarray(tokens), np.asarray(lengths), np.asarray(label_lp)

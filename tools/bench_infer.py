@@ -1,0 +1,165 @@
+"""Benchmark of inference (docs/infer.md): query rows/s of many-shot label scoring.
+
+Scores `--queries` test rows of a `--features`-feature table against a `--shots`-shot
+prompt prefix, in chunks of `--chunk-size` rows, `--batch-size` chunks per model call:
+
+- ours: the prefix prefilled once, its KV cache shared by every chunk (no copy), the
+  answer scored slot by slot with an incremental cache;
+- reference: the same scoring, but the whole prompt (prefix included) encoded again for
+  every chunk, as a server without prefix caching runs the reference's prompts;
+- generate: free greedy generation of the JSON answer with the prefix reused (the JSON
+  mode), the full answer length (a random model never stops early, so its budget is set
+  to the length of a complete answer, what a trained model writes);
+- generate_no_reuse: generation with the whole prompt per chunk (the reference's own
+  evaluation: vLLM generation, no prefix caching).
+
+Every mode is run once to compile, then timed (best of `--repeats`); the label
+probabilities of ours and the reference are checked to agree in the same run.
+
+    .venv/bin/python tools/bench_infer.py                       # CPU, tiny model
+    python tools/bench_infer.py --preset qwen2.5-7b --dtype bfloat16 --attention-backend xla \\
+        --attention-query-chunk 256 --batch-size 4              # GPU, a 7B-shaped model
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+import pandas as pd
+
+from mllm_jax.infer import RunSettings, answer_frame, build_chunked_prompt, from_model
+from mllm_jax.infer.runner import generate_prompt, score_prompt
+from mllm_jax.model import init_model, preset
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    out, best = None, float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        jax.block_until_ready(jax.tree.leaves(out) if not isinstance(out, np.ndarray) else out)
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attention-backend", default="xla")
+    parser.add_argument("--attention-query-chunk", type=int, default=128)
+    parser.add_argument("--shots", type=int, default=512)
+    parser.add_argument("--features", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=3)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--chunk-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--prefill-chunk", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-generate", action="store_true", help="Skip the generation modes.")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    overrides = dict(
+        param_dtype=args.dtype,
+        compute_dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        attention_query_chunk=args.attention_query_chunk,
+        max_position_embeddings=131072,
+    )
+    if args.preset == "tiny":  # the real Qwen2.5 vocabulary, tied: prompts are real prompts
+        overrides.update(vocab_size=151936, tie_word_embeddings=True, initializer_range=0.2)
+    config = preset(args.preset, **overrides)
+    start = time.perf_counter()
+    loaded = from_model(init_model(config, args.seed))
+    log(
+        f"model {args.preset}: {config.num_parameters() / 1e6:.1f}M parameters "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
+
+    rng = np.random.default_rng(args.seed)
+    shots = pd.DataFrame(rng.normal(size=(args.shots, args.features)))
+    y = rng.integers(0, args.classes, args.shots)
+    test = pd.DataFrame(rng.normal(size=(args.queries, args.features)))
+    start = time.perf_counter()
+    prompt = build_chunked_prompt(
+        loaded.prompt_tokenizer, shots, y, test, chunk_size=args.chunk_size
+    )
+    build_s = time.perf_counter() - start
+    query_tokens = [len(q) for q in prompt.queries]
+    log(
+        f"prompt: prefix {len(prompt.prefix)} tokens, {len(prompt.queries)} chunks of "
+        f"~{int(np.mean(query_tokens))} query tokens (built in {build_s:.3f} s)"
+    )
+
+    reuse = RunSettings(args.batch_size, args.prefill_chunk, reuse_prefix=True)
+    again = RunSettings(args.batch_size, args.prefill_chunk, reuse_prefix=False)
+    results: dict[str, float] = {}
+
+    def run(name, fn):
+        start = time.perf_counter()
+        fn()  # compile + first run
+        compile_s = time.perf_counter() - start
+        seconds, out = best_time(fn, args.repeats)
+        results[name] = args.queries / seconds
+        log(f"{name}: {seconds:.2f} s, {results[name]:.2f} rows/s (first run {compile_s:.1f} s)")
+        return out
+
+    ours = run("reuse", lambda: score_prompt(loaded, prompt, args.classes, reuse))
+    ref = run("no_reuse", lambda: score_prompt(loaded, prompt, args.classes, again))
+    max_diff = float(np.abs(np.exp(ours) - np.exp(ref)).max())
+    log(f"max |p_reuse - p_no_reuse| = {max_diff:.2e}")
+
+    answer_tokens = len(answer_frame(loaded.prompt_tokenizer, args.chunk_size).ids) + 3
+    if not args.no_generate:
+        run("generate", lambda: generate_prompt(loaded, prompt, args.classes, answer_tokens, reuse))
+        run(
+            "generate_no_reuse",
+            lambda: generate_prompt(loaded, prompt, args.classes, answer_tokens, again),
+        )
+
+    record = {
+        "name": "infer_label_scoring",
+        "ours": round(results["reuse"], 3),
+        "reference": round(results["no_reuse"], 3),
+        "unit": "query rows/s",
+        "ratio": round(results["reuse"] / results["no_reuse"], 3),
+        "generate": round(results.get("generate", float("nan")), 3),
+        "ratio_vs_generate": round(results["reuse"] / results.get("generate", float("nan")), 3),
+        "generate_no_reuse": round(results.get("generate_no_reuse", float("nan")), 3),
+        "max_prob_diff": max_diff,
+        "prefix_tokens": len(prompt.prefix),
+        "query_tokens_mean": float(np.mean(query_tokens)),
+        "answer_tokens": answer_tokens,
+        "prompt_build_s": round(build_s, 4),
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "shots": args.shots,
+        "features": args.features,
+        "queries": args.queries,
+        "chunk_size": args.chunk_size,
+        "batch_size": args.batch_size,
+        "prefill_chunk": args.prefill_chunk,
+        "attention_query_chunk": args.attention_query_chunk,
+        "repeats": args.repeats,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "host": platform.node(),
+    }
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()

@@ -180,6 +180,28 @@ def stats(
     run_stats(data_dir, out, tokenizer, rows=rows, context=context, seed=seed)
 
 
+@app.command("train")
+def train_(
+    config: Annotated[Path, typer.Option("--config", help="YAML run config (TrainConfig).")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: dotted.key=value (repeatable)."),
+    ] = None,
+    stop_at: Annotated[
+        int | None,
+        typer.Option(help="Stop after this global step, with a checkpoint; rerun to resume."),
+    ] = None,
+) -> None:
+    """Train or resume a run (LoRA or full) over the device mesh; writes the run directory."""
+    from mllm_jax.train.command import USAGE_ERRORS, train_command
+
+    try:
+        typer.echo(train_command(config, set_ or [], stop_at))
+    except USAGE_ERRORS as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+
+
 @app.command("demo")
 def demo(
     out: Annotated[

@@ -134,7 +134,11 @@ class Checkpointer:
             self.best = ocp.CheckpointManager(
                 best_directory,
                 options=best_options,
-                item_handlers={"trainable": _array_item_handler(), "meta": handlers["meta"]},
+                item_handlers={
+                    "trainable": _array_item_handler(),
+                    "rngs": _array_item_handler(),
+                    "meta": handlers["meta"],
+                },
             )
 
     def latest_step(self) -> int | None:
@@ -151,14 +155,13 @@ class Checkpointer:
             items["rngs"] = _keys_to_data(rngs)
         self.manager.save(step, args=_save_args(**items), force=True)
 
-    def save_best(self, step: int, trainable: Any, meta: dict[str, Any]) -> None:
+    def save_best(self, step: int, trainable: Any, rngs: Any, meta: dict[str, Any]) -> None:
         if self.best is None:
             return
-        self.best.save(
-            step,
-            args=_save_args(trainable=trainable, meta=meta),
-            force=True,
-        )
+        items = {"trainable": trainable, "meta": meta}
+        if jax.tree.leaves(rngs):
+            items["rngs"] = _keys_to_data(rngs)
+        self.best.save(step, args=_save_args(**items), force=True)
 
     def read_meta(self, step: int) -> dict[str, Any]:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

@@ -500,7 +500,10 @@ class _Run:
         )
         if improved:
             self.checkpointer.save_best(
-                self.done, self.split.trainable, self.meta_for(stage, data_state=None)
+                self.done,
+                self.split.trainable,
+                self.split.rngs,
+                self.meta_for(stage, data_state=None),
             )
 
 
@@ -570,9 +573,10 @@ def load_trained(
         where=f"checkpoint {directory}/{chosen}",
     )
     target = abstract_like(split.trainable, split.trainable_shardings)
-    trainable = checkpointer.restore(chosen, "trainable", target)
+    split.trainable = checkpointer.restore(chosen, "trainable", target)
+    split.rngs = checkpointer.restore_rngs(chosen, split.rngs, split.rngs_shardings)
     checkpointer.close()
-    return split.merge(trainable), config
+    return split.merge(), config
 
 
 def host_params(state: nnx.State) -> dict[str, np.ndarray]:

@@ -100,7 +100,7 @@ def make_train_step(
         (grads, sums, rngs), _ = jax.lax.scan(accumulate, (zeros, _zero_sums(), rngs), batch)
         denom = jnp.maximum(sums.tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         direction, opt_state = tx.update(grads, opt_state, trainable)
         trainable = jax.tree.map(lambda p, d: (p - lr * d).astype(p.dtype), trainable, direction)
         metrics = {

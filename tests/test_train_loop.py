@@ -1,0 +1,216 @@
+"""The training run end to end through `mllm-jax train`, on 8 simulated CPU devices
+(data=2, fsdp=2, tensor=2), LoRA mode with dropout and a bf16 frozen base, two curriculum
+stages, gradient accumulation, validation:
+
+- a run interrupted mid-stage and resumed in a NEW process ends bitwise equal to a
+  straight run (parameters, dropout rng state, logged losses);
+- only the LoRA weights change; the frozen base stays the bf16 base, bit for bit;
+- validation and the best checkpoint; metrics JSON lines;
+- a checkpoint of another config or base, an empty data iterator, a bad LoRA target and
+  a bad batch are refused with errors that name the problem.
+
+The three CLI processes share a persistent XLA compilation cache, so only the first
+compiles the train step.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from typer.testing import CliRunner
+
+from mllm_jax.cli import app
+from mllm_jax.config import load_config
+from mllm_jax.model import load_hf, save_hf
+from mllm_jax.model.lora import LoRAParam
+from mllm_jax.train.batches import BatchError, DataExhaustedError
+from mllm_jax.train.checkpoint import CheckpointMismatchError
+from mllm_jax.train.config import TrainConfig
+from mllm_jax.train.loop import host_params, load_trained, train
+
+DATA = "synthetic: {batch_size: 4, seq_len: 48}"
+CONFIG = f"""
+mode: lora
+lora: {{rank: 4, dropout: 0.1}}
+model: {{overrides: {{num_hidden_layers: 1}}, compute_dtype: float32, frozen_dtype: bfloat16}}
+stages:
+  - {{name: warmup, steps: 3, learning_rate: 0.05, data: {{seed: 1, {DATA}}}}}
+  - {{name: main, steps: 3, learning_rate: 0.02, data: {{seed: 2, {DATA}}}}}
+validation: {{every: 2, batches: 2, data: {{seed: 9, {DATA}}}}}
+mesh: {{data: 2, fsdp: 2, tensor: 2}}
+grad_accum: 2
+max_answer_tokens: 16
+checkpoint: {{every: 2, keep: 10}}
+logging: {{progress: false}}
+"""
+
+
+def _cli(config: Path, run_dir: Path, cache: Path, *extra: str) -> str:
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    command = [sys.executable, "-m", "mllm_jax.cli", "train", "--config", str(config)]
+    command += ["--set", f"run_dir={run_dir}", *extra]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in _metrics(run_dir) if m["event"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_loop")
+    config = root / "run.yaml"
+    config.write_text(CONFIG)
+    cache = root / "xla_cache"
+    straight, resumed = root / "straight", root / "resumed"
+    out = _cli(config, straight, cache)
+    assert "step 6/6" in out
+    assert "step 4/6" in _cli(config, resumed, cache, "--stop-at", "4")
+    assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir()) == [2, 3, 4]
+    assert "step 6/6" in _cli(config, resumed, cache)
+    return config, straight, resumed
+
+
+def test_resume_in_a_new_process_is_bitwise_exact(runs):
+    _, straight, resumed = runs
+    a, _ = load_trained(straight)
+    b, _ = load_trained(resumed)
+    pa, pb = host_params(nnx.state(a, LoRAParam)), host_params(nnx.state(b, LoRAParam))
+    assert len(pa) == 14  # q,k,v,o,gate,up,down x (A, B) in one layer
+    for name in pa:
+        assert np.array_equal(pa[name], pb[name]), name
+    ra, rb = host_params(nnx.state(a, nnx.RngCount)), host_params(nnx.state(b, nnx.RngCount))
+    assert ra and ra == rb and all(int(v) == 12 for v in ra.values())  # 6 steps x 2 micro
+    assert _losses(straight) == _losses(resumed)  # every step once, same values
+    assert sorted(_losses(resumed)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_only_lora_weights_change(runs):
+    _, straight, _ = runs
+    trained, config = load_trained(straight)
+    base = load_hf(straight / "base", "bfloat16")
+    got = host_params(nnx.state(trained, nnx.Param))
+    want = host_params(nnx.state(base, nnx.Param))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == jnp.bfloat16, name
+        assert np.array_equal(got[name], want[name]), name
+    lora = host_params(nnx.state(trained, LoRAParam))
+    b_norms = [np.abs(v).max() for k, v in lora.items() if k.endswith(".b")]
+    assert min(b_norms) > 0  # B starts at zero: every adapter trained
+    assert config.mode == "lora"
+
+
+def test_validation_best_checkpoint_and_metrics(runs):
+    _, straight, _ = runs
+    metrics = _metrics(straight)
+    validations = [m for m in metrics if m["event"] == "validation"]
+    assert [m["step"] for m in validations] == [2, 4, 6]
+    best = min(validations, key=lambda m: m["val_loss"])
+    assert validations[-1]["best_step"] == best["step"]
+    assert [int(p.name) for p in (straight / "best").iterdir() if p.name.isdigit()] == [
+        best["step"]
+    ]
+    load_trained(straight, "best")
+    train_lines = [m for m in metrics if m["event"] == "train"]
+    assert {m["stage"] for m in train_lines} == {"warmup", "main"}
+    assert train_lines[0]["lr"] == 0.0  # warmup starts at 0 in each stage
+    assert all(m["tokens"] == 2 * 4 * 48 for m in train_lines)
+    assert any(m.get("tokens_per_s", 0) > 0 for m in train_lines)
+    assert metrics[0]["event"] == "start" and metrics[0]["mesh"] == {
+        "data": 2,
+        "fsdp": 2,
+        "tensor": 2,
+    }
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_checkpoint_of_another_config_is_refused(runs, tmp_path):
+    config_path, straight, _ = runs
+    run_dir = _copy_run(straight, tmp_path / "run")
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(config_path),
+            "--set",
+            f"run_dir={run_dir}",
+            "--set",
+            "optimizer.weight_decay=0.1",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "a different training config" in result.output
+    assert "optimizer.weight_decay: checkpoint 0.0, config 0.1" in result.output
+
+
+def test_checkpoint_of_another_base_is_refused(runs, tmp_path):
+    config_path, straight, _ = runs
+    run_dir = _copy_run(straight, tmp_path / "run")
+    other = load_hf(run_dir / "base")
+    kernel = other.layers[0].mlp.up_proj.kernel
+    kernel.set_value(kernel[...] + 1)
+    save_hf(other, run_dir / "base", overwrite=True)
+    config = load_config(TrainConfig, config_path, [f"run_dir={run_dir}"])
+    with pytest.raises(CheckpointMismatchError, match="trained from another base model"):
+        train(config)
+
+
+def _fresh(config_path: Path, run_dir: Path, *overrides: str) -> TrainConfig:
+    return load_config(
+        TrainConfig, config_path, [f"run_dir={run_dir}", "validation.every=0", *overrides]
+    )
+
+
+def test_empty_data_iterator_is_refused(runs, tmp_path):
+    config_path, _, _ = runs
+    with pytest.raises(DataExhaustedError, match="stage 'warmup' step 1: the data iterator ended"):
+        train(_fresh(config_path, tmp_path / "run"), data_factory=lambda data, what: iter([]))
+
+
+def test_bad_batch_is_refused(runs, tmp_path):
+    config_path, _, _ = runs
+    bad = {"input_ids": np.zeros((4, 8), np.int32)}
+    with pytest.raises(BatchError, match=r"stage 'warmup' step 1 micro-batch 0: batch lacks"):
+        train(_fresh(config_path, tmp_path / "run"), data_factory=lambda data, what: iter([bad]))
+
+
+def test_lora_target_that_matches_nothing_is_refused(runs, tmp_path):
+    config_path, _, _ = runs
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(config_path),
+            "--set",
+            f"run_dir={tmp_path / 'run'}",
+            "--set",
+            "lora.targets=[q_proj, qkv]",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "LoRA target patterns ['qkv'] match no linear layer" in result.output

@@ -13,7 +13,7 @@ from mllm_jax.encoding.prompt import build_prompt
 from mllm_jax.encoding.segments import render
 from mllm_jax.encoding.table import encode_table
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).parent / "data"
 
 
 def slow_encode(train, test, clip_max=None):

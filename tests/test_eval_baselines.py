@@ -7,6 +7,7 @@ mllm_jax.eval beyond the functions under test.
 """
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,7 @@ from mllm_jax.eval.datasets import from_frame, load_csv
 from mllm_jax.eval.protocol import build_plan
 from mllm_jax.eval.run import evaluate_entry
 
-DATA = "/work/shared/data"
+DATA = str(Path(__file__).parent / "data")
 
 
 def direct_rows(path, seed, shots):

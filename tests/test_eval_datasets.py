@@ -1,6 +1,7 @@
 """Datasets: real tables, scikit-learn sets, and errors that name the file and column."""
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,7 @@ from mllm_jax.eval.datasets import (
     resolve_datasets,
 )
 
-DATA = "/work/shared/data"
+DATA = str(Path(__file__).parent / "data")
 
 
 def test_real_table_with_text_and_missing_values():

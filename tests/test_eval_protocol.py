@@ -1,6 +1,7 @@
 """The protocol: deterministic, stratified, nested shots, and the reference's draws."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ from sklearn.model_selection import train_test_split
 from mllm_jax.eval.datasets import from_frame, load_csv
 from mllm_jax.eval.protocol import Protocol, build_plan, reference_shots, split_rows
 
-DATA = "/work/shared/data"
+DATA = str(Path(__file__).parent / "data")
 
 
 @pytest.fixture(scope="module")

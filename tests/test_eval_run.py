@@ -4,6 +4,7 @@ import importlib.machinery
 import json
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,7 @@ from mllm_jax.eval.protocol import Protocol
 from mllm_jax.eval.results_io import read_log
 from mllm_jax.eval.run import RESULTS_LOG, RunDirectoryError, run_evaluation
 
-DATA = "/work/shared/data"
+DATA = str(Path(__file__).parent / "data")
 SHOTS, SEEDS = [8, 32], [0, 1]
 PROTOCOL = Protocol(max_test=100)
 TIMINGS = {"fit_seconds", "predict_seconds"}

@@ -202,6 +202,41 @@ def train_(
         raise typer.Exit(2) from error
 
 
+@app.command("export")
+def export(
+    run: Annotated[Path, typer.Option("--run", help="Training run directory (mllm-jax train).")],
+    merged: Annotated[
+        Path | None, typer.Option(help="Write the model with adapters merged here (HF).")
+    ] = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="Write the LoRA adapter here (PEFT format).")
+    ] = None,
+    step: Annotated[
+        str | None, typer.Option(help="Checkpoint step or 'best' (default: the newest).")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="dtype of the merged weights (default: the base's).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output directories.")] = False,
+) -> None:
+    """Export a training run: merged HF checkpoint and/or PEFT LoRA adapter."""
+    from mllm_jax.export.command import USAGE_ERRORS, export_run, parse_step
+
+    try:
+        for line in export_run(
+            run,
+            merged=merged,
+            adapter=adapter,
+            step=parse_step(step),
+            dtype=dtype,
+            overwrite=overwrite,
+        ):
+            typer.echo(line)
+    except USAGE_ERRORS as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+
+
 @app.command("demo")
 def demo(
     out: Annotated[

@@ -341,6 +341,44 @@ def _path_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
+def copy_adapters(source: nnx.Module, target: nnx.Module, key: jax.Array | int = 0) -> list[str]:
+    """Attaches to `target` the adapters of `source` (same A/B values, alpha and dropout
+    rate; fresh dropout streams from `key`), e.g. to merge trained adapters into the
+    base as stored on disk rather than into a bf16 training copy of it. Returns the paths.
+    Raises LoRAError if a path is missing in `target` or has other shapes."""
+    key = jax.random.key(key) if isinstance(key, int) else key
+    adapted = lora_layers(source)
+    if not adapted:
+        raise LoRAError("the source model has no LoRA adapters (was apply_lora called?)")
+    linears = linear_layers(target)
+    missing = [p for p in adapted if p not in linears]
+    if missing:
+        raise LoRAError(f"the target model has no linear layers {missing}")
+    taken = [p for p in adapted if linears[p].lora is not None]
+    if taken:
+        raise LoRAError(f"linears of the target already carry a LoRA adapter: {taken}")
+    for p, linear in adapted.items():
+        if (linear.in_features, linear.out_features) != (
+            linears[p].in_features,
+            linears[p].out_features,
+        ):
+            raise LoRAError(
+                f"{p}: source linear is [{linear.in_features}, {linear.out_features}], target "
+                f"[{linears[p].in_features}, {linears[p].out_features}]"
+            )
+    for p, linear in adapted.items():
+        attach_adapter(
+            linears[p],
+            linear.lora.a.get_value(),
+            linear.lora.b.get_value(),
+            alpha=linear.lora.alpha,
+            dropout=linear.lora.dropout_rate,
+            dropout_key=_path_key(key, p) if linear.lora.dropout_rate > 0 else None,
+            path=p,
+        )
+    return list(adapted)
+
+
 def remove_lora(model: nnx.Module) -> list[str]:
     """Detaches every adapter (without merging it); returns the paths it was on."""
     layers = lora_layers(model)

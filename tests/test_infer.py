@@ -414,12 +414,12 @@ def test_training_run_directory(ckpt, fitted, tmp_path):
     from mllm_jax.train.config import TrainConfig
     from mllm_jax.train.loop import load_trained, train
 
-    data = "{kind: synthetic, seed: 1, synthetic: {batch_size: 2, seq_len: 48}}"
+    data = "{kind: synthetic, seed: 1, synthetic: {batch_size: 4, seq_len: 48}}"
     (tmp_path / "run.yaml").write_text(
         f"mode: lora\nlora: {{rank: 2}}\nmodel: {{base: {ckpt}, compute_dtype: float32, "
         "frozen_dtype: float32}\n"
         f"stages:\n  - {{name: main, steps: 2, learning_rate: 0.05, data: {data}}}\n"
-        "mesh: {data: 1, fsdp: 1, tensor: 1}\nmax_answer_tokens: 16\n"
+        "mesh: {data: 2, fsdp: 2, tensor: 2}\nmax_answer_tokens: 16\n"
         "logging: {progress: false}\n"
     )
     run = tmp_path / "run"

@@ -96,14 +96,16 @@ def read_answer(
     rows: int,
     n_classes: int,
     default: int,
+    text: str | None = None,
 ) -> ReadAnswer:
     """Applies the three rules to one chunk's generated answer.
 
     token_texts: decoded text of each generated token; label_log_probs: f32[n, K]
     label-token log-probabilities at each generated position; default: the class code
-    for rows that nothing else labels.
+    for rows that nothing else labels; text: the whole answer decoded at once (default
+    the tokens' texts joined; they differ only where a token holds part of a UTF-8 char).
     """
-    parsed = parse_labels("".join(token_texts), rows)
+    parsed = parse_labels("".join(token_texts) if text is None else text, rows)
     positions = label_positions(token_texts)
     labels = np.zeros(rows, np.int64)
     proba = np.zeros((rows, n_classes), np.float64)

@@ -238,7 +238,7 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         n_classes = len(self.classes_)
         total = np.zeros((len(test), n_classes), np.float64)
         sources, answers, tokens = [], [], 0
-        with _progress(self.verbose, len(test) * self.n_ensembles) as advance:
+        with _Progress(self.verbose, len(test) * self.n_ensembles) as advance:
             for member in range(self.n_ensembles):
                 shots, codes, member_test = self._member(member, test)
                 prompt = build_chunked_prompt(
@@ -285,12 +285,18 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         answers = []
         for chunk, rows in zip(chunks, prompt.rows, strict=True):
             token_texts = [text(int(t)) for t in chunk.tokens]
+            answer = loaded.tokenizer.decode(chunk.tokens.tolist(), skip_special_tokens=False)
             read = read_answer(
-                token_texts, chunk.label_log_probs, len(rows), n_classes, self.default_code_
+                token_texts,
+                chunk.label_log_probs,
+                len(rows),
+                n_classes,
+                self.default_code_,
+                text=answer,
             )
             proba[rows.start : rows.stop] = read.proba
             sources.extend(read.sources)
-            answers.append("".join(token_texts))
+            answers.append(answer)
         return proba, tuple(sources), tuple(answers)
 
     def predict_proba(self, X: Any) -> np.ndarray:
@@ -302,7 +308,7 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
-class _progress:
+class _Progress:
     """A rich progress bar over test rows when `enabled`; yields an `advance(n)` callable."""
 
     def __init__(self, enabled: bool, total: int) -> None:

@@ -28,12 +28,13 @@ from typer.testing import CliRunner
 
 from mllm_jax.cli import app
 from mllm_jax.config import load_config
+from mllm_jax.export import save_peft_adapter
 from mllm_jax.model import load_hf, save_hf
-from mllm_jax.model.lora import LoRAParam
+from mllm_jax.model.lora import LoRAError, LoRAParam
 from mllm_jax.train.batches import BatchError, DataExhaustedError
 from mllm_jax.train.checkpoint import CheckpointMismatchError
 from mllm_jax.train.config import TrainConfig
-from mllm_jax.train.loop import host_params, load_trained, train
+from mllm_jax.train.loop import build_model, host_params, load_trained, train
 
 DATA = "synthetic: {batch_size: 4, seq_len: 48}"
 CONFIG = f"""
@@ -214,3 +215,22 @@ def test_lora_target_that_matches_nothing_is_refused(runs, tmp_path):
     )
     assert result.exit_code == 2
     assert "LoRA target patterns ['qkv'] match no linear layer" in result.output
+
+
+def test_continue_from_a_peft_adapter(runs, tmp_path):
+    config_path, straight, _ = runs
+    trained, _ = load_trained(straight)
+    adapter = save_peft_adapter(trained, tmp_path / "adapter")
+    overrides = [f"run_dir={tmp_path / 'run'}", f"model.base={straight / 'base'}"]
+    config = load_config(TrainConfig, config_path, [*overrides, f"model.adapter={adapter}"])
+    model = build_model(config, straight / "base", None, None)
+    got = host_params(nnx.state(model, LoRAParam))
+    want = host_params(nnx.state(trained, LoRAParam))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
+    other = load_config(
+        TrainConfig, config_path, [*overrides, f"model.adapter={adapter}", "lora.rank=8"]
+    )
+    with pytest.raises(LoRAError, match="adapter r=4 but the config's lora asks for 8"):
+        build_model(other, straight / "base", None, None)

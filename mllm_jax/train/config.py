@@ -37,6 +37,8 @@ class ModelConfig:
             a resumed run re-reads the very same base.
         preset: `mllm_jax.model.preset` name used when `base` is None.
         overrides: Qwen2Config field overrides for the preset (e.g. num_hidden_layers).
+        adapter: a PEFT LoRA adapter directory to continue training (mode "lora") instead
+            of fresh adapters; its r / lora_alpha / lora_dropout must equal `lora`'s.
         init_seed: PRNG seed of the random-init base.
         master_dtype: storage of the trainable parameters (and of AdamW's moments).
         frozen_dtype: storage of frozen base weights in LoRA mode.
@@ -48,6 +50,7 @@ class ModelConfig:
     base: str | None = None
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None
     init_seed: int = 0
     master_dtype: str = "float32"
     frozen_dtype: str = "bfloat16"
@@ -242,6 +245,8 @@ class TrainConfig:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.max_answer_tokens < 1:
             raise ValueError(f"max_answer_tokens must be >= 1, got {self.max_answer_tokens}")
+        if self.model.adapter is not None and self.mode != "lora":
+            raise ValueError("model.adapter (a PEFT adapter to continue) needs mode 'lora'")
 
     @property
     def total_steps(self) -> int:

@@ -138,11 +138,32 @@ def build_model(
         attention_backend=m.attention_backend,
         attention_query_chunk=m.attention_query_chunk,
     )
-    if config.mode == "lora":
+    if config.mode == "lora" and m.adapter is not None:
+        _load_adapter(model, config, mesh, rules)
+    elif config.mode == "lora":
         from mllm_jax.model.lora import apply_lora
 
         apply_lora(model, config.lora, jax.random.key(config.seed), mesh=mesh, rules=rules)
     return model
+
+
+def _load_adapter(model, config: TrainConfig, mesh, rules) -> None:
+    """Attaches the PEFT adapter `model.adapter`, refusing one whose rank, alpha or
+    dropout differ from the config's `lora` (the run would not train what it says)."""
+    from mllm_jax.export.peft_format import load_peft_adapter, read_adapter_config
+    from mllm_jax.model.lora import LoRAError
+
+    path = Path(config.model.adapter)
+    saved = read_adapter_config(path)
+    wanted = {"r": config.lora.rank, "lora_alpha": config.lora.alpha}
+    wanted["lora_dropout"] = config.lora.dropout
+    for key, value in wanted.items():
+        if float(saved.get(key, 0.0)) != float(value):
+            raise LoRAError(
+                f"{path}: adapter {key}={saved.get(key)!r} but the config's lora asks for "
+                f"{value!r}; set lora to the adapter's settings"
+            )
+    load_peft_adapter(model, path, key=jax.random.key(config.seed), mesh=mesh, rules=rules)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -1,0 +1,276 @@
+"""Train-step throughput: our jitted LoRA step vs transformers + peft (torch) on one shape.
+
+Both sides train the same Qwen2 shape (default: vocab 151936, hidden 256, 4 layers, seq
+2048, batch 1) with a rank-8 / alpha-16 LoRA on q,k,v,o,gate,up,down and AdamW, on one
+sequence whose last ~10% tokens are the answer (labels -100 elsewhere on the torch side;
+our loss mask). One step = forward + backward + optimizer update. Ours evaluates the LM
+head only at the answer positions; transformers computes [seq, vocab] logits.
+
+The measurement alternates rounds (ours, then torch) so that background load hits both
+alike; the median step time of each side gives tokens/s. Prints JSON lines, the
+comparison last:
+
+    .venv/bin/python tools/bench_train.py                     # CPU, float32, LoRA
+    .venv/bin/python tools/bench_train.py --mode full         # full fine-tuning both sides
+    .venv/bin/python tools/bench_train.py --ours-only --preset qwen2.5-0.5b --seq 8192 \\
+        --dtype bfloat16 --attention cudnn                    # GPU: tokens/s and MFU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+BENCH_SHAPE = dict(
+    vocab_size=151936,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+    rope_theta=1_000_000.0,
+    max_position_embeddings=32768,
+)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_batch(vocab: int, seq: int, batch: int, answer_fraction: float, seed: int):
+    """One packed-format batch: a single sequence per row, the last tokens the answer."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (batch, seq)).astype(np.int32)
+    targets = np.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    answer = max(1, round(answer_fraction * seq))
+    loss_mask = np.zeros((batch, seq), bool)
+    loss_mask[:, seq - 1 - answer : seq - 1] = True
+    return {
+        "input_ids": ids,
+        "targets": targets,
+        "loss_mask": loss_mask,
+        "segment_ids": np.ones_like(ids),
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
+    }
+
+
+# ------------------------------------------------------------------------------ ours
+
+
+class Ours:
+    """Our train step (mllm_jax.train.step) on a mesh of every local device."""
+
+    def __init__(self, args: argparse.Namespace, batch: dict[str, np.ndarray]):
+        import jax
+        import jax.numpy as jnp
+
+        from mllm_jax.model import init_model, preset
+        from mllm_jax.model.config import Qwen2Config
+        from mllm_jax.model.lora import LoRAConfig, apply_lora
+        from mllm_jax.train import flops
+        from mllm_jax.train.batches import check_batch, to_device
+        from mllm_jax.train.config import OptimizerConfig
+        from mllm_jax.train.mesh import ShardingRules, make_mesh
+        from mllm_jax.train.optim import make_optimizer
+        from mllm_jax.train.state import init_optimizer, optimizer_shardings, split_model
+        from mllm_jax.train.step import make_train_step
+
+        self.jax = jax
+        runtime = dict(
+            param_dtype=args.dtype if args.mode == "lora" else "float32",
+            compute_dtype=args.dtype,
+            attention_backend=args.attention,
+            attention_query_chunk=args.query_chunk,
+        )
+        if args.preset:
+            config = preset(args.preset, **runtime)
+        else:
+            config = Qwen2Config(**BENCH_SHAPE, **runtime)
+        self.config = config
+        mesh = make_mesh(data=1, fsdp=-1, tensor=1)
+        rules = ShardingRules.default()
+        model = init_model(config, 0, mesh=mesh, rules=rules)
+        if args.mode == "lora":
+            apply_lora(
+                model, LoRAConfig(rank=8, alpha=16, targets=TARGETS), 0, mesh=mesh, rules=rules
+            )
+        self.split = split_model(
+            model, args.mode, mesh, rules, master_dtype=jnp.float32, frozen_dtype=args.dtype
+        )
+        del model
+        tx = make_optimizer(OptimizerConfig())
+        shardings = optimizer_shardings(
+            tx, self.split.trainable, self.split.trainable_shardings, mesh
+        )
+        self.opt_state = init_optimizer(tx, self.split.trainable, shardings)
+        budget = int(batch["loss_mask"].sum(axis=1).max())
+        self.step_fn = make_train_step(
+            self.split, tx, shardings, mesh, budget=budget, remat=args.remat
+        )
+        _, stats = check_batch(
+            batch, where="bench", vocab_size=config.vocab_size, max_answer_tokens=budget
+        )
+        self.flops = flops.step_flops(config, stats, args.mode)
+        self.batch = to_device({k: v[None] for k, v in batch.items()}, mesh)
+        self.lr = np.float32(1e-4)
+        self.devices = mesh.devices.size
+        self.peak = flops.peak_flops_per_device(jax.devices()[0].device_kind)
+
+    def step(self) -> float:
+        s = self.split
+        t0 = time.perf_counter()
+        s.trainable, self.opt_state, s.rngs, metrics = self.step_fn(
+            s.trainable, self.opt_state, s.rngs, s.frozen, self.batch, self.lr
+        )
+        loss = float(metrics["loss"])
+        elapsed = time.perf_counter() - t0
+        if not np.isfinite(loss):
+            raise RuntimeError(f"our step gave loss {loss}")
+        return elapsed
+
+
+# ---------------------------------------------------------------------------- torch
+
+
+class Torch:
+    """transformers Qwen2ForCausalLM (+ peft LoRA), torch AdamW, labels -100 off-answer."""
+
+    def __init__(self, args: argparse.Namespace, batch: dict[str, np.ndarray]):
+        import torch
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        self.torch = torch
+        torch.manual_seed(0)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        config = Qwen2Config(**BENCH_SHAPE)
+        config._attn_implementation = "sdpa"
+        model = Qwen2ForCausalLM(config).to(dtype)
+        if args.mode == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGETS))
+            model = get_peft_model(model, lora)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # fp32 adapters, as ours
+        if args.remat:
+            model.gradient_checkpointing_enable()
+            if args.mode == "lora":
+                model.enable_input_require_grads()
+        model.train()
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+        self.ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
+        labels = np.where(batch["loss_mask"], batch["targets"], -100)
+        # HF shifts labels itself: label[t] is the target of position t - 1.
+        shifted = np.full_like(labels, -100)
+        shifted[:, 1:] = labels[:, :-1]
+        self.labels = torch.as_tensor(shifted, dtype=torch.long)
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        loss = self.model(input_ids=self.ids, labels=self.labels).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        elapsed = time.perf_counter() - t0
+        if not np.isfinite(value):
+            raise RuntimeError(f"torch step gave loss {value}")
+        return elapsed
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _settings(args: argparse.Namespace, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    import jax
+
+    return {
+        "mode": args.mode,
+        "dtype": args.dtype,
+        "seq": args.seq,
+        "batch": args.batch,
+        "answer_tokens": int(batch["loss_mask"].sum()),
+        "shape": args.preset or "bench (vocab 151936, hidden 256, 4 layers, mlp 1024, 4/2 heads)",
+        "lora": "r=8 alpha=16 q,k,v,o,gate,up,down" if args.mode == "lora" else None,
+        "remat": args.remat,
+        "attention": args.attention,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "jax_backend": jax.default_backend(),
+        "jax_devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=("lora", "full"), default="lora")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--answer-fraction", type=float, default=0.1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round and side")
+    parser.add_argument("--remat", action="store_true", help="per-layer remat / grad checkpointing")
+    parser.add_argument("--attention", default="xla", help="our backend: xla | cudnn | splash")
+    parser.add_argument("--query-chunk", type=int, default=512)
+    parser.add_argument("--preset", default=None, help="a model preset instead of the bench shape")
+    parser.add_argument("--ours-only", action="store_true", help="skip torch (GPU/TPU runs)")
+    args = parser.parse_args()
+
+    batch = make_batch(BENCH_SHAPE["vocab_size"], args.seq, args.batch, args.answer_fraction, 0)
+    ours = Ours(args, batch)
+    t0 = time.perf_counter()
+    ours.step()  # compile
+    compile_s = time.perf_counter() - t0
+    reference = None if args.ours_only else Torch(args, batch)
+    if reference is not None:
+        reference.step()  # warm-up (allocator, kernels)
+    ours_times, ref_times = [], []
+    for _ in range(args.rounds):
+        ours_times += [ours.step() for _ in range(args.steps)]
+        if reference is not None:
+            ref_times += [reference.step() for _ in range(args.steps)]
+    tokens = args.seq * args.batch
+    ours_tps = tokens / statistics.median(ours_times)
+    settings = _settings(args, batch)
+    mfu = (
+        ours.flops / statistics.median(ours_times) / (ours.peak * ours.devices)
+        if ours.peak
+        else None
+    )
+    detail = {
+        "name": "train_step_detail",
+        "ours_step_s": [round(t, 4) for t in ours_times],
+        "reference_step_s": [round(t, 4) for t in ref_times],
+        "ours_compile_s": round(compile_s, 2),
+        "ours_model_flops_per_step": ours.flops,
+        "ours_mfu": mfu,
+    }
+    print(json.dumps(detail), flush=True)
+    ref_tps = tokens / statistics.median(ref_times) if ref_times else None
+    record = {
+        "name": f"train_step_{args.mode}",
+        "ours": round(ours_tps, 2),
+        "reference": None if ref_tps is None else round(ref_tps, 2),
+        "unit": "tokens/s",
+        "ratio": None if ref_tps is None else round(ours_tps / ref_tps, 3),
+        "reference_impl": None if ref_tps is None else "transformers+peft (torch, sdpa)",
+        **settings,
+    }
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

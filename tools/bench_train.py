@@ -209,6 +209,7 @@ def _settings(args: argparse.Namespace, batch: dict[str, np.ndarray]) -> dict[st
         "jax_devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
         "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "machine": platform.machine(),
     }
 

@@ -114,7 +114,9 @@ def predict(
     ] = False,
     shots: Annotated[int | None, typer.Option(help="At most this many training rows.")] = None,
     chunk_size: Annotated[int, typer.Option(help="Test rows per prompt.")] = 50,
-    batch_size: Annotated[int, typer.Option(help="Prompts per model call.")] = 4,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Prompts per model call (default: 1 on CPU, else 4).")
+    ] = None,
     ensembles: Annotated[int, typer.Option(help="Shuffled prompts averaged.")] = 1,
     dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of shot draws and shuffles.")] = 0,

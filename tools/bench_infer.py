@@ -10,15 +10,19 @@ prompt prefix, in chunks of `--chunk-size` rows, `--batch-size` chunks per model
 - generate: free greedy generation of the JSON answer with the prefix reused (the JSON
   mode), the full answer length (a random model never stops early, so its budget is set
   to the length of a complete answer, what a trained model writes);
-- generate_no_reuse: generation with the whole prompt per chunk (the reference's own
-  evaluation: vLLM generation, no prefix caching).
+- generate_no_reuse (with --generate-no-reuse): generation with the whole prompt per
+  chunk (the reference's own evaluation: vLLM generation, no prefix caching).
+
+On CPU the default is one chunk per model call (`--batch-size 1`): XLA:CPU runs the
+shared-prefix attention of a batch of B > 1 rows about 2x slower per key than batch 1
+(see docs/infer.md); on a GPU use `--batch-size 4`.
 
 Every mode is run once to compile, then timed (best of `--repeats`); the label
 probabilities of ours and the reference are checked to agree in the same run.
 
     .venv/bin/python tools/bench_infer.py                       # CPU, tiny model
     python tools/bench_infer.py --preset qwen2.5-7b --dtype bfloat16 --attention-backend xla \\
-        --attention-query-chunk 256 --batch-size 4              # GPU, a 7B-shaped model
+        --attention-query-chunk 128 --batch-size 4              # GPU, a 7B-shaped model
 
 The last line printed is one JSON object.
 """
@@ -65,10 +69,13 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=3)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--chunk-size", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prefill-chunk", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-generate", action="store_true", help="Skip the generation modes.")
+    parser.add_argument(
+        "--generate-no-reuse", action="store_true", help="Also time generation without reuse."
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -125,6 +132,7 @@ def main() -> None:
     answer_tokens = len(answer_frame(loaded.prompt_tokenizer, args.chunk_size).ids) + 3
     if not args.no_generate:
         run("generate", lambda: generate_prompt(loaded, prompt, args.classes, answer_tokens, reuse))
+    if not args.no_generate and args.generate_no_reuse:
         run(
             "generate_no_reuse",
             lambda: generate_prompt(loaded, prompt, args.classes, answer_tokens, again),

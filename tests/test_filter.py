@@ -59,6 +59,21 @@ def test_metrics_equal_sklearn(seed):
     )
 
 
+def test_filter_task_equals_a_plain_sklearn_forest_and_metrics():
+    from sklearn.ensemble import RandomForestClassifier
+
+    X, y, _ = _rule_task(np.random.default_rng(5), rows=300, noise=0.2)
+    X_train, y_train, X_test, y_test = _split(X, y, 200)
+    result = filter_task(X_train, y_train, X_test, y_test, SMALL, seed=11)
+    forest = RandomForestClassifier(n_estimators=10, max_features="sqrt", random_state=11)
+    y_pred = forest.fit(X_train, y_train).predict(X_test)  # with scikit-learn's checks on
+    assert result.metrics.kappa == pytest.approx(cohen_kappa_score(y_test, y_pred), abs=1e-12)
+    assert result.metrics.balanced_accuracy == pytest.approx(
+        balanced_accuracy_score(y_test, y_pred), abs=1e-12
+    )
+    assert result.metrics.accuracy == pytest.approx(np.mean(y_pred == y_test))
+
+
 def test_learnable_rule_is_accepted():
     X, y, _ = _rule_task(np.random.default_rng(0))
     result = filter_task(*_split(X, y, 200), SMALL, seed=0)
@@ -147,6 +162,22 @@ def test_consensus_is_reproducible_and_drops_flipped_labels(method):
     # Rows whose labels were flipped are mostly not kept; clean rows mostly are.
     assert a[flipped].mean() < 0.2
     assert a[~flipped].mean() > 0.75
+
+
+def test_consensus_equals_plain_sklearn_forests_on_the_same_folds():
+    from sklearn.ensemble import RandomForestClassifier
+
+    from mllm_jax.filtering.forest import sub_seed
+
+    X, y, _ = _rule_task(np.random.default_rng(6), rows=200, noise=0.2)
+    mask = consensus_mask(X, y, SMALL, seed=5)
+    folds = stratified_folds(y, 5, sub_seed(5, 0))
+    expected = np.empty_like(mask)
+    for fold in range(5):
+        held = folds == fold
+        forest = RandomForestClassifier(n_estimators=10, random_state=sub_seed(5, 1 + fold))
+        expected[held] = forest.fit(X[~held], y[~held]).predict(X[held]) == y[held]
+    np.testing.assert_array_equal(mask, expected)
 
 
 def test_stratified_folds_spread_every_class():

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 from mllm_jax.filtering.config import FilterConfig
-from mllm_jax.filtering.forest import make_forest, sub_seed
+from mllm_jax.filtering.forest import make_forest, sub_seed, unchecked_sklearn
 from mllm_jax.filtering.inputs import check_consensus_inputs
 
 
@@ -82,9 +82,10 @@ def out_of_bag_mask(X: np.ndarray, y: np.ndarray, config: FilterConfig, seed: in
 
 def consensus_rows(X: np.ndarray, y: np.ndarray, config: FilterConfig, seed: int) -> np.ndarray:
     """The row mask by ``config.consensus_method``, on inputs already checked."""
-    if config.consensus_method == "oob":
-        return out_of_bag_mask(X, y, config, seed)
-    return out_of_fold_predictions(X, y, config, seed) == y
+    with unchecked_sklearn():
+        if config.consensus_method == "oob":
+            return out_of_bag_mask(X, y, config, seed)
+        return out_of_fold_predictions(X, y, config, seed) == y
 
 
 def consensus_mask(

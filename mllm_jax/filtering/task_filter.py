@@ -15,7 +15,7 @@ import numpy as np
 from mllm_jax.data.tasks import Task
 from mllm_jax.filtering.config import FilterConfig
 from mllm_jax.filtering.consensus import consensus_rows
-from mllm_jax.filtering.forest import make_forest, sub_seed, task_seed
+from mllm_jax.filtering.forest import make_forest, sub_seed, task_seed, unchecked_sklearn
 from mllm_jax.filtering.inputs import check_consensus_inputs, check_split_inputs
 from mllm_jax.filtering.metrics import ForestMetrics, forest_metrics
 from mllm_jax.filtering.result import FilterResult, Problem, Reason
@@ -94,8 +94,9 @@ def filter_task(
     if problem is not None:
         return _timed(FilterResult.reject(problem), start)
     forest = make_forest(config, X_train.shape[1], seed)
-    forest.fit(X_train.astype(np.float32, copy=False), y_train)
-    y_pred = forest.predict(X_test.astype(np.float32, copy=False))
+    with unchecked_sklearn():
+        forest.fit(X_train.astype(np.float32, copy=False), y_train)
+        y_pred = forest.predict(X_test.astype(np.float32, copy=False))
     metrics = forest_metrics(y_test, y_pred, majority_class=_majority(y_train))
     problem = judge(metrics, config)
     result = (

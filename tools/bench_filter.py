@@ -4,6 +4,7 @@
                 same pre-generated tasks, plus scaling efficiency (JSON line last)
     forest      accept/reject agreement and speed of candidate forests vs a large forest
     thresholds  metric distributions on prior tasks vs the same tasks with permuted labels
+    accept      acceptance rate, rejections by reason, consensus keep-rate (defaults)
     e2e         generate + filter end to end (needs mllm_jax.prior)
 
 Tasks come from our prior (``mllm_jax.prior``) when it is installed, else from the
@@ -472,6 +473,38 @@ def bench_thresholds(args: argparse.Namespace) -> None:
     )
 
 
+# ----------------------------------------------------------------------------- accept
+
+
+def bench_accept(args: argparse.Namespace) -> None:
+    """Acceptance rate, rejections by reason and consensus keep-rate with the defaults."""
+    from collections import Counter
+
+    from mllm_jax.filtering.run import filter_into
+
+    tasks, source = load_tasks(args)
+    config = FilterConfig(consensus=args.consensus)
+    families: dict[str, Counter] = {}
+    kept: list[Task] = []
+    summary = filter_into(tasks, kept.append, config, workers=args.workers, total=len(tasks))
+    for task in tasks:
+        families.setdefault(task.family, Counter())["seen"] += 1
+    for task in kept:
+        families[task.family]["accepted"] += 1
+    by_family = {
+        name: {"tasks": c["seen"], "acceptance_rate": round(c["accepted"] / c["seen"], 4)}
+        for name, c in sorted(families.items())
+    }
+    _log(
+        {
+            "name": "filter_acceptance",
+            **{k: v for k, v in summary.items() if k != "config"},
+            "by_family": by_family,
+            **_settings(args, source, config),
+        }
+    )
+
+
 # ----------------------------------------------------------------------------- e2e
 
 
@@ -519,6 +552,7 @@ def main(argv: list[str] | None = None) -> None:
         "pool": bench_pool,
         "forest": bench_forest,
         "thresholds": bench_thresholds,
+        "accept": bench_accept,
         "e2e": bench_e2e,
     }
     for name in commands:

@@ -58,8 +58,13 @@ def answer_loss_sums(
     picked = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)  # [B, K, E]
     labels = jnp.take_along_axis(targets, positions, axis=1)  # [B, K]
     logits = lm_head(picked).astype(jnp.float32)  # [B, K, V]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    hit = jnp.argmax(logits, axis=-1) == labels
+    # One max and one exp-sum pass over the vocab give both the cross-entropy and the
+    # hit test (label logit == max; an exact tie counts as a hit), no separate argmax.
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    lse = jnp.log(jnp.sum(jnp.exp(logits - peak), axis=-1)) + peak[..., 0]
+    picked_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    ce = lse - picked_logit
+    hit = picked_logit >= peak[..., 0]
     weight = valid.astype(jnp.float32)
     return AnswerSums(
         loss=jnp.sum(ce * weight),

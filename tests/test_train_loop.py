@@ -16,8 +16,10 @@ compiles the train step.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -234,3 +236,33 @@ def test_continue_from_a_peft_adapter(runs, tmp_path):
     )
     with pytest.raises(LoRAError, match="adapter r=4 but the config's lora asks for 8"):
         build_model(other, straight / "base", None, None)
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_bitwise(runs, tmp_path):
+    """SIGKILL a training process (mid-run, possibly mid-save), rerun: same end state."""
+    config_path, straight, _ = runs
+    run_dir, cache = tmp_path / "killed", straight.parent / "xla_cache"
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    command = [sys.executable, "-m", "mllm_jax.cli", "train", "--config", str(config_path)]
+    command += ["--set", f"run_dir={run_dir}", "--set", "checkpoint.every=1"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while not (run_dir / "checkpoints" / "3").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert "step 6/6" in _cli(config_path, run_dir, cache)
+    a, _ = load_trained(straight)
+    b, _ = load_trained(run_dir)
+    pa, pb = host_params(nnx.state(a, LoRAParam)), host_params(nnx.state(b, LoRAParam))
+    for name in pa:
+        assert np.array_equal(pa[name], pb[name]), name
+    assert _losses(straight) == _losses(run_dir)

@@ -261,6 +261,54 @@ class _Throughput:
         return out
 
 
+class _StepFeed:
+    """Each step's stacked batch, checked and placed on the mesh, pulled one step ahead so
+    the host work overlaps the device step. Keeps the iterator state as of each step's
+    own batches (what a checkpoint of that step must hold), and defers an error of the
+    prefetch to the step it belongs to."""
+
+    def __init__(self, iterator, stage: str, config: TrainConfig, mesh, vocab_size: int):
+        self.iterator = iterator
+        self.stage = stage
+        self.config = config
+        self.mesh = mesh
+        self.vocab_size = vocab_size
+        self.shape: tuple[int, ...] | None = None
+        self.pending: tuple[int, Any, BaseException | None] | None = None
+
+    def _pull(self, step: int):
+        where = f"stage {self.stage!r} step {step + 1}"
+        host, stats = next_batches(
+            self.iterator,
+            self.config.grad_accum,
+            where=where,
+            vocab_size=self.vocab_size,
+            max_answer_tokens=self.config.max_answer_tokens,
+            shape=self.shape,
+        )
+        if self.shape is None:
+            self.shape = host["input_ids"].shape[1:]
+            check_divisible(self.shape[0], self.mesh, where)
+        if stats.answer_tokens == 0:
+            raise BatchError(f"{where}: no answer tokens in the step's batches")
+        return to_device(host, self.mesh), stats, _data_state(self.iterator)
+
+    def prefetch(self, step: int) -> None:
+        try:
+            self.pending = (step, self._pull(step), None)
+        except Exception as error:  # raised by take(step), after this step's checkpoint
+            self.pending = (step, None, error)
+
+    def take(self, step: int):
+        if self.pending is None or self.pending[0] != step:
+            self.prefetch(step)
+        _, value, error = self.pending
+        self.pending = None
+        if error is not None:
+            raise error
+        return value
+
+
 class _Run:
     """One `train` call: the state of the run and the steps of the loop, in order."""
 
@@ -425,23 +473,10 @@ class _Run:
             )
         else:
             opt_state = init_optimizer(self.tx, split.trainable, self.opt_shardings)
-        shape = None
+        feed = _StepFeed(iterator, stage.name, config, self.mesh, self.model_config.vocab_size)
         self.throughput.start = None
         for step in range(self.done, hi):
-            where = f"stage {stage.name!r} step {step + 1}"
-            host_batch, stats = next_batches(
-                iterator,
-                config.grad_accum,
-                where=where,
-                vocab_size=self.model_config.vocab_size,
-                max_answer_tokens=config.max_answer_tokens,
-                shape=shape,
-            )
-            if shape is None:
-                shape = host_batch["input_ids"].shape[1:]
-                check_divisible(shape[0], self.mesh, where)
-            if stats.answer_tokens == 0:
-                raise BatchError(f"{where}: no answer tokens in the step's batches")
+            batch, stats, data_state = feed.take(step)
             lr = learning_rate(config.optimizer, stage.learning_rate, stage.steps, step - lo)
             first = self.throughput.start is None
             t0 = time.perf_counter()
@@ -450,10 +485,12 @@ class _Run:
                 opt_state,
                 split.rngs,
                 split.frozen,
-                to_device(host_batch, self.mesh),
+                batch,
                 np.float32(lr),
             )
             self.done = step + 1
+            if self.done < hi and not self._stopped():
+                feed.prefetch(self.done)  # host work overlaps the dispatched step
             if first:
                 # A stage's first step may compile: time throughput from its end.
                 jax.block_until_ready(metrics)
@@ -497,7 +534,7 @@ class _Run:
                     split.trainable,
                     opt_state,
                     split.rngs,
-                    self.meta_for(stage.name, _data_state(iterator)),
+                    self.meta_for(stage.name, data_state),
                 )
             if t_pause is not None:
                 self.throughput.pause(time.perf_counter() - t_pause)

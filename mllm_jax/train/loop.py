@@ -155,8 +155,8 @@ def _load_adapter(model, config: TrainConfig, mesh, rules) -> None:
 
     path = Path(config.model.adapter)
     saved = read_adapter_config(path)
-    wanted = {"r": config.lora.rank, "lora_alpha": config.lora.alpha}
-    wanted["lora_dropout"] = config.lora.dropout
+    lora = config.lora
+    wanted = {"r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout}
     for key, value in wanted.items():
         if float(saved.get(key, 0.0)) != float(value):
             raise LoRAError(

@@ -1,0 +1,99 @@
+"""Root causes: the independent input columns of an SCM (reference ``XSampler``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.special as jsp
+
+from mllm_jax.prior import rng
+from mllm_jax.prior.hparams import SAMPLING_MIXED, SAMPLING_NORMAL, SAMPLING_UNIFORM
+
+_MAX_CATEGORIES = 20  # multinomial causes have randint(2, 20) categories
+_ZIPF_CLIP = 10  # zipf causes are clamped at 10
+
+
+def _std(x: jax.Array, axis: int = 0) -> jax.Array:
+    """Unbiased standard deviation (torch's default)."""
+    n = x.shape[axis]
+    mean = x.mean(axis=axis, keepdims=True)
+    return jnp.sqrt(((x - mean) ** 2).sum(axis=axis) / (n - 1))
+
+
+def _normal(stream: rng.Stream, rows: int, width: int, pre_stats: jax.Array) -> jax.Array:
+    means = rng.normal(rng.fold(stream, 1), (width,))
+    stds = jnp.abs(rng.normal(rng.fold(stream, 2), (width,)) * means)
+    z = rng.normal(rng.fold(stream, 3), (rows, width))
+    return jnp.where(pre_stats, means + stds * z, z)
+
+
+def _multinomial(stream: rng.Stream, rows: int, width: int) -> jax.Array:
+    """Per column: codes from randint(2, 20) categories with U(0,1) weights, standardised."""
+    n_cat = rng.randint(rng.fold(stream, 1), 2, _MAX_CATEGORIES + 1, (width,))
+    weights = rng.uniform(rng.fold(stream, 2), (width, _MAX_CATEGORIES))
+    weights = jnp.where(jnp.arange(_MAX_CATEGORIES) < n_cat[:, None], weights, 0.0)
+    cdf = jnp.cumsum(weights, axis=1)
+    u = rng.uniform(rng.fold(stream, 3), (rows, width)) * cdf[:, -1]
+    codes = jnp.sum(u[:, :, None] >= cdf[None, :, :], axis=-1).astype(jnp.float32)
+    codes = jnp.minimum(codes, (n_cat - 1).astype(jnp.float32))
+    return (codes - codes.mean(axis=0)) / _std(codes)
+
+
+def _zipf(stream: rng.Stream, rows: int, width: int) -> jax.Array:
+    """Per column: Zipf(a ~ U(2, 4)) clamped at 10, centred (not scaled)."""
+    a = rng.uniform_in(rng.fold(stream, 1), 2.0, 4.0, (width,))
+    k = jnp.arange(1, _ZIPF_CLIP, dtype=jnp.float32)
+    pmf = k[None, :] ** (-a[:, None]) / jsp.zeta(a, 1.0)[:, None]  # P(1..9)
+    cdf = jnp.cumsum(pmf, axis=1)
+    u = rng.uniform(rng.fold(stream, 2), (rows, width))
+    x = 1.0 + jnp.sum(u[:, :, None] >= cdf[None, :, :], axis=-1).astype(jnp.float32)
+    return x - x.mean(axis=0)
+
+
+def _mixed(stream: rng.Stream, rows: int, width: int, pre_stats: jax.Array) -> jax.Array:
+    p_zipf, p_multi, p_normal = 0.66 * rng.uniform(rng.fold(stream, 0), (3,))
+    u = rng.uniform(rng.fold(stream, 1), (3, width))
+    # Barriers keep the four draws in separate loops (one fused loop compiles for minutes).
+    normal, multi, zipf, unif = jax.lax.optimization_barrier(
+        (
+            _normal(rng.fold(stream, 2), rows, width, pre_stats),
+            _multinomial(rng.fold(stream, 3), rows, width),
+            _zipf(rng.fold(stream, 4), rows, width),
+            rng.uniform(rng.fold(stream, 5), (rows, width)),
+        )
+    )
+    return jnp.where(
+        u[0] > p_normal,
+        normal,
+        jnp.where(u[1] > p_multi, multi, jnp.where(u[2] > p_zipf, zipf, unif)),
+    )
+
+
+def sample_causes(
+    stream: rng.Stream,
+    rows: int,
+    width: int,
+    n_cols: jax.Array,
+    sampling: jax.Array,
+    pre_stats: jax.Array,
+) -> jax.Array:
+    """Root causes of one task.
+
+    Args:
+        stream: random stream of this draw.
+        rows, width: static output shape.
+        n_cols: i32 number of real columns (the rest are zero).
+        sampling: SAMPLING_NORMAL (N(0,1), or per-column N(m, |s*m|) with pre_stats),
+            SAMPLING_UNIFORM (U(0,1)) or SAMPLING_MIXED (per column one of normal,
+            multinomial, zipf, uniform with task-level probabilities).
+        pre_stats: bool, per-column means and stds for normal causes.
+
+    Returns:
+        f32[rows, width].
+    """
+    branches = [None] * 3
+    branches[SAMPLING_NORMAL] = lambda s: _normal(s, rows, width, pre_stats)
+    branches[SAMPLING_MIXED] = lambda s: _mixed(s, rows, width, pre_stats)
+    branches[SAMPLING_UNIFORM] = lambda s: rng.uniform(s, (rows, width))
+    x = jax.lax.switch(sampling, branches, stream)
+    return jnp.where(jnp.arange(width) < n_cols, x, 0.0)

@@ -1,0 +1,160 @@
+"""MLP-SCM (reference ``tabicl.prior.mlp_scm.MLPSCM``) for one task, padded to a width.
+
+Causes -> Linear -> [activation -> Linear -> + noise] x (layers - 1). A causal task reads
+its features and its target off hidden units of those blocks (a random DAG over the
+units); a non-causal task uses the causes as features and adds an output block whose
+single unit is the target. Depth is a dynamic loop, so one compiled program serves every
+depth; width is padded to a static bucket and masked.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mllm_jax.prior import rng
+from mllm_jax.prior.activations import activation
+from mllm_jax.prior.causes import sample_causes
+from mllm_jax.prior.hparams import HParams
+
+
+def _weights(
+    stream: rng.Stream,
+    width: int,
+    n_in: jax.Array,
+    n_out: jax.Array,
+    block: jax.Array,
+    init_std: jax.Array,
+    dropout: jax.Array,
+) -> jax.Array:
+    """f32[width, width] weights (in x out) of a linear layer, zero outside n_in x n_out.
+
+    Block-wise: ``nb ~ randint(1, ceil(sqrt(min(in, out))))`` diagonal blocks of
+    N(0, init_std / sqrt(kept fraction)), zeros elsewhere. Otherwise N(0, init_std /
+    sqrt(1 - p)) with Bernoulli(1 - p) dropout, p = min(dropout, 0.99).
+    """
+    i = jnp.arange(width)[:, None]
+    o = jnp.arange(width)[None, :]
+    z = rng.normal(rng.fold(stream, 0), (width, width))
+
+    m = jnp.minimum(n_in, n_out).astype(jnp.float32)
+    n_blocks = rng.randint(rng.fold(stream, 1), 1, jnp.ceil(jnp.sqrt(m)).astype(jnp.int32) + 1)
+    bs_in = n_in // n_blocks
+    bs_out = n_out // n_blocks
+    kept = (n_blocks * bs_in * bs_out).astype(jnp.float32) / (n_in * n_out).astype(jnp.float32)
+    in_block = (i // bs_in == o // bs_out) & (i < n_blocks * bs_in) & (o < n_blocks * bs_out)
+    w_block = jnp.where(in_block, z * (init_std / jnp.sqrt(kept)), 0.0)
+
+    p = jnp.minimum(dropout, 0.99)
+    kept_mask = rng.uniform(rng.fold(stream, 2), (width, width)) < 1.0 - p
+    w_drop = jnp.where(kept_mask, z * (init_std / jnp.sqrt(1.0 - p)), 0.0)
+    return jnp.where((i < n_in) & (o < n_out), jnp.where(block, w_block, w_drop), 0.0)
+
+
+def _bias(stream: rng.Stream, width: int, n_in: jax.Array, n_out: jax.Array) -> jax.Array:
+    """torch.nn.Linear's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / jnp.sqrt(n_in.astype(jnp.float32))
+    b = rng.uniform_in(stream, -bound, bound, (width,))
+    return jnp.where(jnp.arange(width) < n_out, b, 0.0)
+
+
+def _read_off(
+    stream: rng.Stream, hp: HParams, hidden: jax.Array, n_slots: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Which hidden units a causal task reads its features and target off.
+
+    The units of blocks 1..layers-1 are numbered c = (block - 1) * hidden + unit,
+    M in all. Features: 1 + n_features distinct units (one contiguous run of them with
+    ``in_clique``), all but the first used as features; target: the last unit
+    (``y_is_effect``) or the first drawn one. The reference also optionally sorts the
+    features, which its later feature shuffle makes irrelevant.
+
+    Returns:
+        (i32[n_slots] block of each feature slot (-1 unused), i32[n_slots] unit,
+         i32 block of the target, i32 unit of the target, bool drawn without failure).
+    """
+    nf = hp.n_features
+    n_units = (hp.num_layers - 1) * hidden
+    slots = jnp.arange(n_slots)
+
+    start = rng.randint(rng.fold(stream, 0), 0, n_units - nf)
+    skip = rng.randint(rng.fold(stream, 1), 0, nf + 1)
+    clique_x = start + jnp.where(slots < skip, slots, slots + 1)
+    clique_y = start + skip
+
+    # Units in first-occurrence order of i.i.d. draws are a uniform sample without
+    # replacement; 4x oversampling from >= 2*nf units leaves >= nf+1 distinct ones
+    # except with negligible probability (then the attempt is invalid).
+    n_draws = 4 * (n_slots + 1)
+    draws = rng.randint(rng.fold(stream, 2), 0, n_units - 1, (n_draws,))
+    earlier = jnp.tril(draws[:, None] == draws[None, :], k=-1).any(axis=1)
+    first = ~earlier
+    rank = jnp.cumsum(first) - 1
+    pick = first[None, :] & (rank[None, :] == jnp.arange(n_slots + 1)[:, None])
+    chosen = jnp.sum(jnp.where(pick, draws[None, :], 0), axis=1)
+    ok = hp.in_clique | (jnp.sum(first) >= nf + 1)
+
+    x_flat = jnp.where(hp.in_clique, clique_x, chosen[1:])
+    y_flat = jnp.where(hp.y_is_effect, n_units - 1, jnp.where(hp.in_clique, clique_y, chosen[0]))
+    x_block = jnp.where(slots < nf, x_flat // hidden + 1, -1)
+    return x_block, x_flat % hidden, y_flat // hidden + 1, y_flat % hidden, ok
+
+
+def mlp_scm(
+    stream: rng.Stream, hp: HParams, *, width: int, n_slots: int, rows: int, sine_terms: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Raw features and target of one MLP-SCM draw.
+
+    Args:
+        stream: random stream of this attempt.
+        hp: the task's hyperparameters (scalars).
+        width: static padded width, >= hp.width.
+        n_slots: static feature slots (config.max_features).
+        rows: static number of rows.
+        sine_terms: static terms of the sine-sum activation.
+
+    Returns:
+        (f32[rows, n_slots] X with hp.n_features real columns, f32[rows] y, bool ok).
+    """
+    causal = hp.is_causal
+    nf = hp.n_features
+    hidden = jnp.where(causal, jnp.maximum(hp.hidden, 2 * nf + 1), hp.hidden)
+    hidden = jnp.minimum(hidden, width)
+    n_in = jnp.minimum(jnp.where(causal, hp.num_causes, nf), width)
+    cols = jnp.arange(width)
+
+    causes = sample_causes(rng.fold(stream, 1), rows, width, n_in, hp.sampling, hp.pre_cause_stats)
+    w0 = _weights(rng.fold(stream, 2), width, n_in, hidden, hp.block_dropout, hp.init_std, 0.0)
+    h = causes @ w0 + _bias(rng.fold(stream, 3), width, n_in, hidden)
+
+    x_block, x_unit, y_block, y_unit, ok = _read_off(rng.fold(stream, 4), hp, hidden, n_slots)
+    n_blocks = hp.num_layers - 1 + jnp.where(causal, 0, 1)
+
+    def block(b, carry):
+        h, X, y = carry
+        s = rng.fold(stream, 1000 + b)
+        n_out = jnp.where(~causal & (b == n_blocks), 1, hidden)
+        a, _ = activation(rng.fold(s, 0), h, hidden, hp.act_probs, sine_terms)
+        w = _weights(rng.fold(s, 1), width, hidden, n_out, hp.block_dropout, hp.init_std,
+                     hp.dropout_prob)  # fmt: skip
+        noise_std = jnp.where(
+            hp.pre_noise_std,
+            jnp.abs(rng.normal(rng.fold(s, 3), (width,)) * hp.noise_std),
+            hp.noise_std,
+        )
+        noise = rng.normal(rng.fold(s, 4), (rows, width)) * jnp.where(cols < n_out, noise_std, 0.0)
+        h = a @ w + _bias(rng.fold(s, 2), width, hidden, n_out) + noise
+        X = jnp.where(x_block == b, h[:, x_unit], X)
+        y = jnp.where(y_block == b, h[:, y_unit], y)
+        return h, X, y
+
+    init = (h, jnp.zeros((rows, n_slots), jnp.float32), jnp.zeros((rows,), jnp.float32))
+    h, X, y = jax.lax.fori_loop(1, n_blocks + 1, block, init)
+
+    if width >= n_slots:
+        x_causes = causes[:, :n_slots]
+    else:
+        x_causes = jnp.pad(causes, ((0, 0), (0, n_slots - width)))
+    X = jnp.where(causal, X, jnp.where(jnp.arange(n_slots) < nf, x_causes, 0.0))
+    y = jnp.where(causal, y, h[:, 0])
+    return X, y, ok | ~causal

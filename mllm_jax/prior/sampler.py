@@ -1,0 +1,258 @@
+"""Batch generation: keys -> hyperparameters -> compiled chunks -> TaskBatch.
+
+Task ``i`` of seed ``s`` is a function of ``fold_in(key(s), i)`` alone: its
+hyperparameters come from ``fold_in(k, 0)``, attempt ``j`` from stream ``j`` of
+``fold_in(k, 1)``, and it is the first valid of ``config.attempts`` attempts.
+
+Tasks are grouped by kind (tree, or MLP of a padded width) and cut into chunks of
+``chunk_size`` tasks per device; each device runs the same compiled program over its
+chunk, one task after another (``lax.map``), so every branch (SCM family, activation
+kind, sampling mode, categorical columns, split repair) is a real conditional and every
+depth a dynamic loop: no work is spent on branches a task does not take. A task's bytes
+therefore depend only on its key and the config, not on the batch it came in, its place
+in a chunk, or the number of devices (``shard_map`` over fixed per-device chunks).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mllm_jax.prior import rng
+from mllm_jax.prior.batch import FAMILY_NAMES, TaskBatch
+from mllm_jax.prior.config import PriorConfig, PriorConfigError
+from mllm_jax.prior.hparams import FAMILY_TREE, HParams, sample_hparams
+from mllm_jax.prior.mlp import mlp_scm
+from mllm_jax.prior.reg2cls import Classified, to_classification
+from mllm_jax.prior.trees import tree_scm
+
+_SAMPLING_NAMES = np.array(["normal", "mixed", "uniform"])
+_TREE = "tree"
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _hparams_and_streams(seed: jax.Array, indices: jax.Array, config: PriorConfig):
+    """(HParams[n], u32[n, 2] attempt streams) of tasks ``indices`` (u32[n]) of ``seed``."""
+    base = jax.random.key(seed)
+
+    def one(i):
+        k = jax.random.fold_in(base, i)
+        return sample_hparams(jax.random.fold_in(k, 0), config), rng.from_key(
+            jax.random.fold_in(k, 1)
+        )
+
+    return jax.vmap(one)(indices)
+
+
+def _generate_one(stream, hp: HParams, skip, *, kind: str, width: int, config: PriorConfig):
+    """The first valid of ``config.attempts`` draws of one task (nothing when skip)."""
+    c = config
+
+    def attempt(j):
+        s = rng.fold(stream, j)
+        if kind == _TREE:
+            X, y, ok = tree_scm(
+                rng.fold(s, 0), hp, n_slots=c.max_features, rows=c.rows,
+                candidates=c.tree_candidates,
+            )  # fmt: skip
+        else:
+            X, y, ok = mlp_scm(
+                rng.fold(s, 0), hp, width=width, n_slots=c.max_features, rows=c.rows,
+                sine_terms=c.sine_terms,
+            )  # fmt: skip
+        return to_classification(
+            rng.fold(s, 1), X, y, ok, hp, cat_prob=c.cat_prob, max_classes=c.max_classes
+        )
+
+    empty = Classified(
+        X=jnp.zeros((c.rows, c.max_features), jnp.float32),
+        y=jnp.zeros((c.rows,), jnp.int32),
+        n_features=jnp.int32(0),
+        n_classes=jnp.int32(0),
+        categorical=jnp.zeros((c.max_features,), bool),
+        valid=jnp.bool_(False),
+    )
+
+    def more(state):
+        j, out = state
+        return (j < c.attempts) & ~out.valid & ~skip
+
+    def step(state):
+        j, _ = state
+        return j + 1, attempt(j)
+
+    j, out = jax.lax.while_loop(more, step, (jnp.int32(0), empty))
+    # An invalid task holds zeros, never a half-usable draw.
+    out = jax.tree.map(lambda a, e: jnp.where(out.valid, a, e), out, empty)
+    return out, j
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_program(kind: str, width: int, config: PriorConfig, devices: tuple):
+    mesh = Mesh(np.array(devices), ("d",))
+    one = functools.partial(_generate_one, kind=kind, width=width, config=config)
+
+    def per_device(streams, hp, skip):
+        return jax.lax.map(lambda a: one(*a), (streams, hp, skip))
+
+    program = jax.jit(
+        jax.shard_map(per_device, mesh=mesh, in_specs=P("d"), out_specs=P("d"), check_vma=False)
+    )
+    return program, NamedSharding(mesh, P("d"))
+
+
+def _kind_of(family: np.ndarray, width: np.ndarray, config: PriorConfig) -> list[tuple[str, int]]:
+    widths = np.asarray(config.widths)
+    bucket = widths[np.searchsorted(widths, width)]
+    return [
+        (_TREE, 0) if f == FAMILY_TREE else ("mlp", int(w))
+        for f, w in zip(family, bucket, strict=True)
+    ]
+
+
+@dataclass
+class _Pending:
+    """Dispatched (not yet fetched) work of one batch."""
+
+    seed: int
+    start: int
+    count: int
+    hp: dict[str, np.ndarray]
+    parts: list[tuple[np.ndarray, object]]  # (positions, device outputs)
+
+
+def _dispatch(seed: int, start: int, count: int, config: PriorConfig, devices: tuple) -> _Pending:
+    indices = np.arange(start, start + count, dtype=np.uint32)
+    hp_dev, streams_dev = _hparams_and_streams(np.uint32(seed), indices, config)
+    hp = {name: np.asarray(v) for name, v in hp_dev._asdict().items()}
+    streams = np.asarray(streams_dev)
+    kinds = _kind_of(hp["family"], hp["width"], config)
+    per_call = config.chunk_size * len(devices)
+    parts = []
+    for kind in sorted(set(kinds)):
+        positions = np.array([i for i, k in enumerate(kinds) if k == kind])
+        program, sharding = _chunk_program(kind[0], kind[1], config, devices)
+        for lo in range(0, len(positions), per_call):
+            pos = positions[lo : lo + per_call]
+            take = np.concatenate([pos, np.full(per_call - len(pos), pos[0])])
+            skip = np.arange(per_call) >= len(pos)
+            args = (streams[take], HParams(**{n: v[take] for n, v in hp.items()}), skip)
+            args = jax.device_put(args, sharding)
+            parts.append((pos, program(*args)))
+    return _Pending(seed, start, count, hp, parts)
+
+
+def _collect(p: _Pending, config: PriorConfig) -> TaskBatch:
+    n, rows, slots = p.count, config.rows, config.max_features
+    X = np.zeros((n, rows, slots), np.float32)
+    y = np.zeros((n, rows), np.int32)
+    n_features = np.zeros(n, np.int32)
+    n_classes = np.zeros(n, np.int32)
+    categorical = np.zeros((n, slots), bool)
+    valid = np.zeros(n, bool)
+    attempts = np.zeros(n, np.int32)
+    for pos, (out, tries) in p.parts:
+        k = len(pos)
+        X[pos] = np.asarray(out.X)[:k]
+        y[pos] = np.asarray(out.y)[:k]
+        n_features[pos] = np.asarray(out.n_features)[:k]
+        n_classes[pos] = np.asarray(out.n_classes)[:k]
+        categorical[pos] = np.asarray(out.categorical)[:k]
+        valid[pos] = np.asarray(out.valid)[:k]
+        attempts[pos] = np.asarray(tries)[:k]
+    hp = p.hp
+    extra = {
+        "attempts": attempts,
+        "n_classes_drawn": hp["n_classes"],
+        "noise_std": hp["noise_std"],
+        "sampling": _SAMPLING_NAMES[hp["sampling"]],
+        "class_thresholds": np.where(hp["rank_classes"], "rank", "value"),
+        # MLP architecture (a tree task draws its own; Task.extra omits these for trees)
+        "is_causal": hp["is_causal"],
+        "num_layers": hp["num_layers"],
+        "hidden": hp["hidden"],
+        "init_std": hp["init_std"],
+    }
+    return TaskBatch(
+        X=X,
+        y=y,
+        n_features=n_features,
+        n_classes=n_classes,
+        n_train=hp["n_train"].astype(np.int32),
+        categorical=categorical,
+        family=np.asarray(FAMILY_NAMES)[hp["family"]],
+        valid=valid,
+        seed=p.seed,
+        start=p.start,
+        extra=extra,
+    )
+
+
+def _check_range(seed: int, start: int, count: int) -> None:
+    if not 0 <= seed < 2**32:
+        raise PriorConfigError(f"seed={seed} must be in [0, 2^32)")
+    if start < 0 or count < 0 or start + count > 2**32:
+        raise PriorConfigError(f"task indices [{start}, {start + count}) must lie in [0, 2^32)")
+
+
+def _devices(devices: Sequence | None) -> tuple:
+    return tuple(devices) if devices is not None else tuple(jax.devices())
+
+
+def sample_tasks(
+    seed: int,
+    start: int,
+    count: int,
+    config: PriorConfig | None = None,
+    *,
+    devices: Sequence | None = None,
+) -> TaskBatch:
+    """Tasks ``start .. start + count - 1`` of corpus ``seed``.
+
+    Always returns ``count`` tasks; ``valid[i]`` is False where all attempts failed.
+    ``devices`` defaults to all of ``jax.devices()``; the result does not depend on it.
+    """
+    config = config or PriorConfig()
+    _check_range(seed, start, count)
+    return _collect(_dispatch(seed, start, count, config, _devices(devices)), config)
+
+
+def iter_task_batches(
+    seed: int,
+    start: int,
+    count: int,
+    config: PriorConfig | None = None,
+    batch_size: int = 256,
+    *,
+    devices: Sequence | None = None,
+) -> Iterator[TaskBatch]:
+    """Tasks ``start .. start + count - 1`` of ``seed`` as consecutive batches.
+
+    Batch k+1 is dispatched to the devices before batch k is handed out, so generation
+    overlaps with whatever the caller does with batch k.
+    """
+    config = config or PriorConfig()
+    _check_range(seed, start, count)
+    if batch_size < 1:
+        raise PriorConfigError(f"batch_size={batch_size} must be >= 1")
+    devs = _devices(devices)
+    bounds = [
+        (lo, min(lo + batch_size, start + count)) for lo in range(start, start + count, batch_size)
+    ]
+    pending = _dispatch(seed, *_span(bounds[0]), config, devs) if bounds else None
+    for k in range(len(bounds)):
+        nxt = _dispatch(seed, *_span(bounds[k + 1]), config, devs) if k + 1 < len(bounds) else None
+        yield _collect(pending, config)
+        pending = nxt
+
+
+def _span(bound: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = bound
+    return lo, hi - lo

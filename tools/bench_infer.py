@@ -130,6 +130,8 @@ def main() -> None:
     log(f"max |p_reuse - p_no_reuse| = {max_diff:.2e}")
 
     answer_tokens = len(answer_frame(loaded.prompt_tokenizer, args.chunk_size).ids) + 3
+    frame = answer_frame(loaded.prompt_tokenizer, args.chunk_size)
+    answer_total = len(query_tokens) * int(frame.slots[-1] - frame.slots[0])
     if not args.no_generate:
         run("generate", lambda: generate_prompt(loaded, prompt, args.classes, answer_tokens, reuse))
     if not args.no_generate and args.generate_no_reuse:
@@ -153,6 +155,12 @@ def main() -> None:
         ),
         "generate_no_reuse": rate("generate_no_reuse"),
         "max_prob_diff": max_diff,
+        # Tokens through the model per mode (answers included): the ratio a model whose
+        # cost is linear in tokens would show; attention makes long prompts cost more.
+        "tokens_reuse": len(prompt.prefix) + sum(query_tokens) + answer_total,
+        "tokens_no_reuse": len(prompt.prefix) * len(query_tokens)
+        + sum(query_tokens)
+        + answer_total,
         "prefix_tokens": len(prompt.prefix),
         "query_tokens_mean": float(np.mean(query_tokens)),
         "answer_tokens": answer_tokens,

@@ -193,12 +193,32 @@ def train_(
         int | None,
         typer.Option(help="Stop after this global step, with a checkpoint; rerun to resume."),
     ] = None,
+    coordinator: Annotated[
+        str | None,
+        typer.Option(help="Multi-host: host:port of process 0 (env JAX_COORDINATOR_ADDRESS)."),
+    ] = None,
+    num_processes: Annotated[
+        int | None, typer.Option(help="Multi-host: number of processes (env JAX_NUM_PROCESSES).")
+    ] = None,
+    process_id: Annotated[
+        int | None, typer.Option(help="Multi-host: this process's id (env JAX_PROCESS_ID).")
+    ] = None,
 ) -> None:
-    """Train or resume a run (LoRA or full) over the device mesh; writes the run directory."""
+    """Train or resume a run (LoRA or full) over the device mesh; writes the run directory.
+    Multi-host: run the same command on every host (docs/multihost.md)."""
     from mllm_jax.train.command import USAGE_ERRORS, train_command
+    from mllm_jax.train.distributed import DistributedConfig, DistributedError, initialize
 
     try:
+        initialize(
+            DistributedConfig.from_env(
+                coordinator=coordinator, num_processes=num_processes, process_id=process_id
+            )
+        )
         typer.echo(train_command(config, set_ or [], stop_at))
+    except DistributedError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
     except USAGE_ERRORS as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error

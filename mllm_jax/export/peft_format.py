@@ -147,7 +147,13 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def _write_atomically(target: Path, overwrite: bool, write) -> Path:
-    """Runs write(tmp_dir) in a temporary sibling of `target`, then renames it into place."""
+    """Runs write(tmp_dir) in a temporary sibling of `target`, then renames it into place.
+    Multi-host: only process 0 writes; the others run `write` into a scratch directory
+    (gathering sharded weights is collective) and leave `target` alone."""
+    if jax.process_index() != 0:
+        with tempfile.TemporaryDirectory() as scratch:
+            write(Path(scratch))
+        return target
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,13 @@
 """Hugging Face checkpoints in and out: `load_hf` and `save_hf`.
 
 The name mapping between HF tensors and our parameters is the one table `NAME_TABLE`.
-Loading builds the model abstractly (`nnx.eval_shape`, no memory), then reads the
-safetensors tensor by tensor and places each one straight into its target sharding, so
-the full model never sits on one device. Saving writes into a temporary directory next
-to the target and renames it at the end: an interrupted export leaves nothing that
-looks like a checkpoint.
+Loading builds the model abstractly (`nnx.eval_shape`, no memory), then places each
+tensor straight into its target sharding, reading from the (memory-mapped) safetensors
+only the slices this process's devices hold: on a multi-host mesh each host reads its
+share of a sharded weight, and the full model never sits on one device. Saving writes
+into a temporary directory next to the target and renames it at the end: an interrupted
+export leaves nothing that looks like a checkpoint. In a multi-host job every process
+calls `save_hf` (gathering a sharded weight is collective) and process 0 alone writes.
 """
 
 from __future__ import annotations
@@ -140,6 +142,31 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: cannot read safetensors ({err})") from None
 
 
+class _SliceReader:
+    """`make_array_from_callback` callback: the block `index` of one stored tensor in our
+    layout and dtype, read from the file alone (a device's shard, not the whole tensor).
+    Blocks asked for again (replicas on several local devices) are read once."""
+
+    def __init__(self, stored: Any, transpose: bool, dtype: Any, what: str):
+        self.stored = stored
+        self.transpose = transpose
+        self.dtype = dtype
+        self.what = what
+        self.blocks: dict[tuple, np.ndarray] = {}
+
+    def __call__(self, index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in self.blocks:
+            wanted = tuple(reversed(index)) if self.transpose else tuple(index)
+            try:
+                block = self.stored[wanted] if wanted else self.stored[:]
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{self.what}: cannot read ({err})") from None
+            block = block.T if self.transpose else block
+            self.blocks[key] = np.ascontiguousarray(block.astype(self.dtype))
+        return self.blocks[key]
+
+
 def _target_sharding(var: nnx.Variable, mesh, rules, notes: list[str]) -> jax.sharding.Sharding:
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -211,24 +238,20 @@ def load_hf(
                         f"{file}: tensor {name!r} does not fit this config (no parameter {ours})"
                     )
                 try:
-                    host = f.get_tensor(name)
+                    stored = f.get_slice(name)
+                    shape = tuple(stored.get_shape())
                 except (SafetensorError, OSError) as err:
                     raise CheckpointError(f"{file}: cannot read tensor {name!r} ({err})") from None
-                if transpose:
-                    host = host.T
                 var = targets[ours]
-                if host.shape != var.shape:
-                    shape = tuple(reversed(host.shape)) if transpose else host.shape
+                ours_shape = tuple(reversed(shape)) if transpose else shape
+                if ours_shape != var.shape:
                     raise CheckpointError(
                         f"{file}: tensor {name!r} has shape {shape}, config expects "
                         f"{tuple(reversed(var.shape)) if transpose else var.shape}"
                     )
-                host = host.astype(var.dtype)
                 sharding = _target_sharding(var, mesh, rules, notes)
-                loaded[ours] = jax.make_array_from_callback(
-                    host.shape, sharding, lambda idx, h=host: h[idx]
-                )
-                del host
+                read = _SliceReader(stored, transpose, var.dtype, f"{file}: tensor {name!r}")
+                loaded[ours] = jax.make_array_from_callback(var.shape, sharding, read)
     missing = sorted(set(targets) - set(loaded))
     if missing:
         names = [ours_to_hf(p)[0] for p in missing]
@@ -281,10 +304,21 @@ def save_hf(
     `max_shard_bytes`; config.json (key `dtype`, architectures Qwen2ForCausalLM) and
     generation_config.json. Written to a temporary sibling directory and renamed into
     place. An existing `path` is replaced only with overwrite=True.
+
+    Multi-host: process 0 writes. A model sharded over several processes is gathered
+    tensor by tensor, so every process must call `save_hf`, and none returns before the
+    checkpoint is in place. A model every process holds whole is saved by process 0
+    alone (the others return at once).
     """
     target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+    variables = dict(_flat_params(model))
+    collective = any(not var.get_value().is_fully_addressable for var in variables.values())
+    is_writer = jax.process_index() == 0
+    exists = target.exists() and (not target.is_dir() or any(target.iterdir()))
+    if exists and not overwrite and (is_writer or collective):
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True")
+    if not (is_writer or collective):
+        return target
     config: Qwen2Config = model.config
     out_dtype = jnp.dtype(dtype if dtype is not None else config.param_dtype)
     entries = []
@@ -292,12 +326,12 @@ def save_hf(
         name, transpose = ours_to_hf(ours)
         shape = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
         entries.append((name, ours, transpose, shape))
-    variables = dict(_flat_params(model))
     shards = _plan_shards(entries, out_dtype.itemsize, max_shard_bytes)
-    is_writer = jax.process_index() == 0
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = None
+    if is_writer:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         weight_map: dict[str, str] = {}
         total = 0
@@ -314,10 +348,10 @@ def save_hf(
                 tensors[name] = np.ascontiguousarray(host.T if transpose else host)
                 weight_map[name] = fname
                 total += tensors[name].nbytes
-            if is_writer:
+            if tmp is not None:
                 save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             del tensors
-        if is_writer:
+        if tmp is not None:
             if len(shards) > 1:
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                 (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -335,8 +369,12 @@ def save_hf(
             else:
                 os.replace(tmp, target)
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp)
+    if collective:
+        from mllm_jax.train.distributed import barrier
+
+        barrier(f"save_hf {target}")
     return target
 
 

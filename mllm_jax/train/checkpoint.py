@@ -54,6 +54,17 @@ def hash_checkpoint(directory: str | Path) -> str:
     return digest.hexdigest()
 
 
+def base_identity(directory: str | Path) -> str:
+    """`hash_checkpoint(directory)` computed by process 0 and shared with every process,
+    so that all processes take the same resume decision (and only one reads every
+    byte of the base)."""
+    from mllm_jax.train import distributed
+
+    return distributed.broadcast_json(
+        hash_checkpoint(directory) if distributed.is_main() else None, "base sha256"
+    )
+
+
 def abstract_like(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree`'s arrays carrying `shardings` (orbax restore targets)."""
     return jax.tree.map(

@@ -14,6 +14,12 @@ Run directory:
 Resuming re-reads the base, restores the trainable parameters, optimizer state, step and
 data-iterator position of the newest checkpoint and continues; on the same backend,
 mesh and jax version the result is bitwise the run that was never interrupted.
+
+Multi-host (`mllm_jax.train.distributed`): every process runs `train` with the same
+config; each feeds its own rows of the global batch (`mllm_jax.train.data`), orbax saves
+and restores collectively, process 0 alone writes config.yaml, metrics and the random
+base. Decisions that must agree (resume or not, the base identity) are taken once and
+shared.
 """
 
 from __future__ import annotations
@@ -33,17 +39,23 @@ from rich.console import Console
 from mllm_jax.config import load_config, save_config, to_dict
 from mllm_jax.model import Qwen2ForCausalLM, init_model, load_hf, preset, save_hf
 from mllm_jax.model.config import Qwen2Config
-from mllm_jax.train import flops
-from mllm_jax.train.batches import BatchError, check_divisible, next_batches, to_device
+from mllm_jax.train import distributed, flops
+from mllm_jax.train.batches import BatchError, next_batches, to_device
 from mllm_jax.train.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
     abstract_like,
+    base_identity,
     check_compatible,
-    hash_checkpoint,
 )
 from mllm_jax.train.config import StageConfig, TrainConfig, resume_fingerprint
-from mllm_jax.train.data import DataFactory, default_data
+from mllm_jax.train.data import (
+    DataFactory,
+    check_process_rows,
+    data_position,
+    default_data,
+    restore_positions,
+)
 from mllm_jax.train.mesh import ShardingRules, make_mesh
 from mllm_jax.train.metrics import MetricsLog, is_main_process, progress_bar
 from mllm_jax.train.optim import learning_rate, make_optimizer
@@ -92,12 +104,36 @@ def _random_base_config(config: TrainConfig) -> Qwen2Config:
 
 def prepare_base(config: TrainConfig, run_dir: Path) -> Path:
     """The base checkpoint directory: `model.base`, or a random-init model of the preset
-    saved once into `<run_dir>/base` (refusing one made from other settings)."""
+    saved once into `<run_dir>/base` (refusing one made from other settings).
+
+    Multi-host: process 0 alone makes the random base; the others must then see it
+    (run_dir on a shared filesystem), else FileNotFoundError. Collective."""
     if config.model.base is not None:
         base = Path(config.model.base)
         if not (base / "config.json").is_file():
-            raise FileNotFoundError(f"model.base {base}: no HF checkpoint (config.json) there")
+            raise FileNotFoundError(
+                f"model.base {base}: no HF checkpoint (config.json) there"
+                + (f" on process {jax.process_index()}" if jax.process_count() > 1 else "")
+            )
         return base
+    base = run_dir / "base"
+    problem = distributed.broadcast_json(
+        _make_random_base(config, run_dir) if distributed.is_main() else None, "random base"
+    )
+    if problem is not None:
+        raise CheckpointMismatchError(problem)
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{base}: process {jax.process_index()} cannot see the random-init base that "
+            "process 0 wrote; in a multi-host run, run_dir must be on a filesystem all "
+            "hosts share (or set model.base to a checkpoint present on every host)"
+        )
+    return base
+
+
+def _make_random_base(config: TrainConfig, run_dir: Path) -> str | None:
+    """Writes the random-init base unless the run already has it; the reason it cannot
+    be used, or None."""
     base, record = run_dir / "base", run_dir / "base.json"
     wanted = {
         "preset": config.model.preset,
@@ -108,16 +144,15 @@ def prepare_base(config: TrainConfig, run_dir: Path) -> Path:
     if record.exists():
         made = json.loads(record.read_text())
         if made != wanted:
-            raise CheckpointMismatchError(
+            return (
                 f"{base} is a random-init base made from {made}, this config asks for "
                 f"{wanted}; use another run_dir"
             )
-        return base
+        return None
     model = init_model(_random_base_config(config), config.model.init_seed)
     save_hf(model, base, overwrite=True)
-    if is_main_process():
-        record.write_text(json.dumps(wanted, indent=2) + "\n")
-    return base
+    record.write_text(json.dumps(wanted, indent=2) + "\n")
+    return None
 
 
 def build_model(
@@ -169,23 +204,12 @@ def _load_adapter(model, config: TrainConfig, mesh, rules) -> None:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _data_state(iterator: Any) -> Any:
-    get_state = getattr(iterator, "get_state", None)
-    return get_state() if callable(get_state) else None
-
-
-def _set_data_state(iterator: Any, state: Any, where: str) -> None:
-    set_state = getattr(iterator, "set_state", None)
-    if state is None or not callable(set_state):
-        raise CheckpointMismatchError(
-            f"{where}: cannot resume mid-stage: the data iterator "
-            + (
-                "state was not saved (iterator without get_state)"
-                if state is None
-                else "has no set_state"
-            )
-        )
-    set_state(state)
+def _saved_positions(meta: dict[str, Any]) -> list[Any]:
+    """Every saving process's data position (checkpoints from before multi-host support
+    hold one, `data_state`)."""
+    if "data_states" in meta:
+        return list(meta["data_states"])
+    return [meta.get("data_state")]
 
 
 def _peak_flops(config: TrainConfig) -> float | None:
@@ -208,7 +232,7 @@ class _Validation:
             max_answer_tokens=config.max_answer_tokens,
             shape=None,
         )
-        check_divisible(self.batch["input_ids"].shape[1], mesh, "validation")
+        check_process_rows(self.batch["input_ids"].shape[1], mesh, "validation")
         if self.stats.answer_tokens == 0:
             raise BatchError("validation: the held-out batches hold no answer tokens")
         self.device_batch = to_device(self.batch, mesh)
@@ -248,14 +272,16 @@ class _Throughput:
     def pause(self, seconds: float) -> None:
         self.paused += seconds
 
-    def report(self, peak_total: float | None) -> dict[str, Any]:
-        if self.start is None or not self.tokens:
+    def report(self, peak_total: float | None, tokens: int, flops: float) -> dict[str, Any]:
+        """Rates since the last report; `tokens`, `flops`: this window's counts summed over
+        all processes (`self.tokens`, `self.flops` are this process's)."""
+        if self.start is None or not tokens:
             return {}
         elapsed = time.perf_counter() - self.start - self.paused
         out = {
-            "tokens_per_s": self.tokens / elapsed,
-            "model_flops_per_s": self.flops / elapsed,
-            "mfu": self.flops / elapsed / peak_total if peak_total else None,
+            "tokens_per_s": tokens / elapsed,
+            "model_flops_per_s": flops / elapsed,
+            "mfu": flops / elapsed / peak_total if peak_total else None,
         }
         self.restart()
         return out
@@ -288,10 +314,10 @@ class _StepFeed:
         )
         if self.shape is None:
             self.shape = host["input_ids"].shape[1:]
-            check_divisible(self.shape[0], self.mesh, where)
+            check_process_rows(self.shape[0], self.mesh, where)
         if stats.answer_tokens == 0:
             raise BatchError(f"{where}: no answer tokens in the step's batches")
-        return to_device(host, self.mesh), stats, _data_state(self.iterator)
+        return to_device(host, self.mesh), stats, data_position(self.iterator)
 
     def prefetch(self, step: int) -> None:
         try:
@@ -327,7 +353,7 @@ class _Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.mesh, self.rules = _mesh_and_rules(config)
         self.base = prepare_base(config, self.run_dir)
-        self.base_sha256 = hash_checkpoint(self.base)
+        self.base_sha256 = base_identity(self.base)
         self.fingerprint = resume_fingerprint(config)
         self.ckpt_dir = config.checkpoint.directory or str(
             (self.run_dir / "checkpoints").absolute()
@@ -408,14 +434,16 @@ class _Run:
         self.history.append(entry)
         self.log.write(entry)
 
-    def meta_for(self, stage: str, data_state: Any) -> dict[str, Any]:
+    def meta_for(self, stage: str, data_states: list[Any] | None) -> dict[str, Any]:
+        """The checkpoint's meta; `data_states`: every process's data position."""
         return {
             "step": self.done,
             "stage": stage,
             "fingerprint": self.fingerprint,
             "base": {"path": str(self.base), "sha256": self.base_sha256},
             "seed": self.config.seed,
-            "data_state": data_state,
+            "process_count": jax.process_count(),
+            "data_states": data_states,
             "best": self.best,
             "jax_version": jax.__version__,
             "backend": jax.default_backend(),
@@ -468,8 +496,8 @@ class _Run:
             opt_state = self.checkpointer.restore(
                 self.done, "opt_state", abstract_like(abstract, self.opt_shardings)
             )
-            _set_data_state(
-                iterator, self.meta.get("data_state"), f"checkpoint {self.ckpt_dir}/{self.done}"
+            restore_positions(
+                iterator, _saved_positions(self.meta), f"checkpoint {self.ckpt_dir}/{self.done}"
             )
         else:
             opt_state = init_optimizer(self.tx, split.trainable, self.opt_shardings)
@@ -502,6 +530,11 @@ class _Run:
                 )
             if first or self.done % config.logging.every == 0 or self.done == hi:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                # Host-side counts are per process: sum them (a collective; every
+                # process logs at the same steps).
+                tokens, window_tokens, window_flops = _sum_over_processes(
+                    stats.tokens, self.throughput.tokens, self.throughput.flops
+                )
                 entry = {
                     "event": "train",
                     "step": self.done,
@@ -511,11 +544,11 @@ class _Run:
                     "grad_norm": values["grad_norm"],
                     "lr": lr,
                     "answer_tokens": int(values["answer_tokens"]),
-                    "tokens": stats.tokens,
+                    "tokens": int(tokens),
                 }
                 if first:
                     entry["first_step_s"] = round(compile_s, 3)
-                entry.update(self.throughput.report(self.peak_total))
+                entry.update(self.throughput.report(self.peak_total, window_tokens, window_flops))
                 self.record(entry)
                 bar.update(task, status=f"loss {values['loss']:.4f}")
             bar.update(task, completed=self.done)
@@ -534,7 +567,9 @@ class _Run:
                     split.trainable,
                     opt_state,
                     split.rngs,
-                    self.meta_for(stage.name, data_state),
+                    self.meta_for(
+                        stage.name, distributed.allgather_json(data_state, "data positions")
+                    ),
                 )
             if t_pause is not None:
                 self.throughput.pause(time.perf_counter() - t_pause)
@@ -561,8 +596,16 @@ class _Run:
                 self.done,
                 self.split.trainable,
                 self.split.rngs,
-                self.meta_for(stage, data_state=None),
+                self.meta_for(stage, data_states=None),
             )
+
+
+def _sum_over_processes(*values: float) -> list[float]:
+    """Each value summed over all processes (collective)."""
+    return [
+        sum(column)
+        for column in zip(*distributed.allgather_json(values, "log counts"), strict=True)
+    ]
 
 
 def train(
@@ -627,7 +670,7 @@ def load_trained(
     check_compatible(
         meta,
         fingerprint=resume_fingerprint(config),
-        base_sha256=hash_checkpoint(base),
+        base_sha256=base_identity(base),
         where=f"checkpoint {directory}/{chosen}",
     )
     target = abstract_like(split.trainable, split.trainable_shardings)

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mllm_jax.train.distributed import device_put_global
 from mllm_jax.train.mesh import ShardingRules, state_shardings
 
 
@@ -101,9 +102,11 @@ def split_model(
     f_shard = state_shardings(frozen, mesh, rules)
     trainable = _cast(trainable, master_dtype, t_shard)
     frozen = (
-        _cast(frozen, frozen_dtype, f_shard) if mode == "lora" else jax.device_put(frozen, f_shard)
+        _cast(frozen, frozen_dtype, f_shard)
+        if mode == "lora"
+        else device_put_global(frozen, f_shard)
     )
-    rngs = jax.device_put(rngs, r_shard)
+    rngs = device_put_global(rngs, r_shard)  # made whole on each process (same seed)
     return SplitModel(graphdef, eval_graphdef, trainable, rngs, frozen, t_shard, r_shard, f_shard)
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mllm_jax.model import ConfigError, init_model, preset
+from mllm_jax.model import ConfigError, attention, init_model, preset
 from mllm_jax.model.attention import attend, merge_attention
 
 B, T, H, K, D = 2, 40, 4, 2, 16
@@ -75,6 +75,32 @@ def test_xla_attention_masks_segments_and_causality():
         out = np.asarray(_xla(q, k, v, jnp.asarray(pos), jnp.asarray(seg), query_chunk=chunk))
         np.testing.assert_allclose(out[real], ref[real], atol=1e-5)
         assert np.isfinite(out).all()
+
+
+def test_causal_block_skipping_equals_the_full_mask(monkeypatch):
+    """Self-attention skips the key blocks after each query chunk (in bands; a band of
+    several chunks maps over them); outputs and gradients equal attending every key
+    under the explicit mask, packed segments and padding included."""
+    q, k, v = _qkv(5)
+    pos, seg = _packed_segments()
+    real = np.asarray(seg) != 0
+    weight = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape, np.float32))
+    weight = weight * jnp.asarray(real, jnp.float32)[:, :, None, None]  # padding rows unused
+
+    def loss(q, k, v, self_attention, chunk):
+        out = _xla(q, k, v, pos, seg, self_attention=self_attention, query_chunk=chunk)
+        return jnp.sum(out * weight), out
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=(3, 4))
+    full_grads, full_out = grad(q, k, v, False, T)
+    # 40 tokens in 3 chunks of 16 (the last padded), one band each; then 10 chunks of
+    # 4 in 2 bands of 5.
+    for chunk, bands in ((16, attention.MAX_CAUSAL_BANDS), (4, 2)):
+        monkeypatch.setattr(attention, "MAX_CAUSAL_BANDS", bands)
+        grads, out = grad(q, k, v, True, chunk)
+        np.testing.assert_allclose(np.asarray(out)[real], np.asarray(full_out)[real], atol=1e-5)
+        for g, ref in zip(grads, full_grads, strict=True):
+            np.testing.assert_allclose(g, ref, atol=1e-5)
 
 
 def test_shared_batch1_keys_and_lse_merge_are_exact():

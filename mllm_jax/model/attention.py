@@ -7,8 +7,10 @@ the same rule.
 
 Backends:
   "xla"    dense einsums, queries in chunks of `query_chunk` (never a full [T, S] score
-           matrix for long prompts); grouped-query attention without repeating K/V
-           (q is viewed as [B, T, kv_heads, groups, D]). Runs everywhere; the default.
+           matrix for long prompts), head-major: the G query heads of one KV head form
+           the rows of one matmul against that head's keys ([B, K, G*C, D] x
+           [B, K, S, D]), so K/V are never repeated. Causal self-attention skips the
+           key blocks after each chunk of queries. Runs everywhere; the default.
   "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")`: NVIDIA GPU,
            bfloat16/float16 only. Without segment ids it uses cuDNN's causal mask;
            packed rows pass the explicit mask (per query chunk, as a bias).
@@ -69,7 +71,10 @@ def attend(
     q: [B, T, H, D]; k, v: [B or 1, S, K, D] with H % K == 0 (a batch of 1 is shared by
     all query rows without being copied); positions / segment ids: i32[B, T] and
     i32[B or 1, S]. `self_attention`: k/v are exactly the query tokens, in order (no
-    cache). `segments_given`: False when the caller passed no segment ids (one causal
+    cache), and positions increase along each segment, so no query attends a later
+    token: the XLA path then skips key blocks past each query chunk (the masks inside
+    the computed blocks stay exact), as the kernels' index-causal masks assume too.
+    `segments_given`: False when the caller passed no segment ids (one causal
     sequence per row), which lets cuDNN use its built-in causal mask.
     Returns out: [B, T, H, D] in q's dtype, and with `return_lse` the log-sum-exp of the
     scores f32[B, T, H] (for merging partial attentions with `merge_attention`).
@@ -80,7 +85,7 @@ def attend(
         # Cached calls (decode, prefix reuse, prefill into a cache) and partial
         # attentions to be merged always run dense: the kernels' causal masks are by
         # token index, and they return no log-sum-exp.
-        fn = functools.partial(_xla_attention, query_chunk=query_chunk)
+        fn = functools.partial(_xla_attention, query_chunk=query_chunk, causal=self_attention)
     elif backend == "cudnn":
         fn = functools.partial(
             _cudnn_attention, query_chunk=query_chunk, plain_causal=not segments_given
@@ -106,51 +111,119 @@ def merge_attention(
 
 # ------------------------------------------------------------------------------ xla
 
-
-def _xla_block(q, k, v, q_pos, q_seg, kv_pos, kv_seg, scale):
-    """q: [B, C, K, G, D]; k, v: [Bk, S, K, D] (Bk = B or 1) -> (out [B,C,K,G,D], lse f32[B,C,K,G])."""
-    shared = k.shape[0] == 1 and q.shape[0] != 1
-    kv_sub = "skd" if shared else "bskd"
-    if shared:
-        k, v = k[0], v[0]
-    scores = jnp.einsum(f"bckgd,{kv_sub}->bkgcs", q, k, preferred_element_type=jnp.float32)
-    scores = scores * scale
-    mask = attention_mask(q_pos, q_seg, kv_pos, kv_seg)  # [B, C, S]
-    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
-    peak = jnp.max(scores, axis=-1, keepdims=True)
-    weights = jnp.exp(scores - peak)
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = (weights / total).astype(v.dtype)
-    out = jnp.einsum(f"bkgcs,{kv_sub}->bckgd", probs, v, preferred_element_type=jnp.float32)
-    lse = (peak + jnp.log(total))[..., 0]  # [B, K, G, C]
-    return out.astype(q.dtype), jnp.transpose(lse, (0, 3, 1, 2))
+# A causal self-attention groups its query chunks into at most this many bands; a band
+# attends only the keys up to its own last query (static slices), so the masked upper
+# triangle is (mostly) not computed. Each band is one more copy of the block in the
+# program, hence the cap; chunks within a band share one `lax.map`.
+MAX_CAUSAL_BANDS = 16
 
 
-def _xla_attention(q, k, v, q_pos, q_seg, kv_pos, kv_seg, scale, *, query_chunk):
+def _xla_attention(q, k, v, q_pos, q_seg, kv_pos, kv_seg, scale, *, query_chunk, causal):
+    """q: [B, T, H, D]; k, v: [Bk, S, K, D] -> (out [B, T, H, D], lse f32[B, T, H]).
+
+    Head-major throughout: queries [B, K, G, T, D] (the G query heads of one KV head next
+    to each other), keys/values [Bk, K, S, D], so every dot has its batch dims leading
+    and contracts the minor dim, the layout XLA:CPU's dot runs fastest. `causal`: k/v are
+    the query tokens themselves, in order, and a query never attends a later token.
+    """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
-    qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    if t <= query_chunk:
-        out, lse = _xla_block(qg, k, v, q_pos, q_seg, kv_pos, kv_seg, scale)
-    else:
-        n = -(-t // query_chunk)
-        pad = n * query_chunk - t
+    groups = h // kv_heads
+    qh = jnp.transpose(q.reshape(b, t, kv_heads, groups, d), (0, 2, 3, 1, 4))
+    kh = jnp.transpose(k, (0, 2, 1, 3))
+    vh = jnp.transpose(v, (0, 2, 1, 3))
+    chunk = min(query_chunk, t)
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
         # Padded queries get segment 0: they attend nothing and are sliced off below.
-        qg = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-        q_pos_p = jnp.pad(q_pos, ((0, 0), (0, pad)))
-        q_seg_p = jnp.pad(q_seg, ((0, 0), (0, pad)))
+        qh = jnp.pad(qh, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+        q_pos = jnp.pad(q_pos, ((0, 0), (0, pad)))
+        q_seg = jnp.pad(q_seg, ((0, 0), (0, pad)))
+    per_band = -(-n // MAX_CAUSAL_BANDS) if causal else n
+    outs, lses = [], []
+    for first in range(0, n, per_band):
+        lo, hi = first * chunk, min(first + per_band, n) * chunk
+        keys = min(hi, k.shape[1]) if causal else k.shape[1]
+        out, lse = _xla_band(
+            qh[:, :, :, lo:hi],
+            kh[:, :, :keys],
+            vh[:, :, :keys],
+            q_pos[:, lo:hi],
+            q_seg[:, lo:hi],
+            kv_pos[:, :keys],
+            kv_seg[:, :keys],
+            scale,
+            chunk,
+        )
+        outs.append(out)
+        lses.append(lse)
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    lse = lses[0] if len(lses) == 1 else jnp.concatenate(lses, axis=3)
+    out = jnp.transpose(out[:, :, :, :t], (0, 3, 1, 2, 4)).reshape(b, t, h, d)
+    lse = jnp.transpose(lse[..., :t], (0, 3, 1, 2)).reshape(b, t, h)
+    return out, lse
 
-        def chunks(x):
-            return jnp.moveaxis(x.reshape(b, n, query_chunk, *x.shape[2:]), 1, 0)
 
-        def one(args):
-            qc, pc, sc = args
-            return _xla_block(qc, k, v, pc, sc, kv_pos, kv_seg, scale)
+def _xla_band(q, k, v, q_pos, q_seg, kv_pos, kv_seg, scale, chunk):
+    """q: [B, K, G, C * m, D] (m chunks of C queries) against k, v: [Bk, K, S, D]:
+    one block, or `lax.map` over the m chunks (one [C, S] score block at a time)."""
+    b, kv_heads, groups, tb, d = q.shape
+    m = tb // chunk
+    if m == 1:
+        return _xla_block(q, k, v, q_pos, q_seg, kv_pos, kv_seg, scale)
 
-        out, lse = jax.lax.map(one, (chunks(qg), chunks(q_pos_p), chunks(q_seg_p)))
-        out = jnp.moveaxis(out, 0, 1).reshape(b, n * query_chunk, kv_heads, h // kv_heads, d)[:, :t]
-        lse = jnp.moveaxis(lse, 0, 1).reshape(b, n * query_chunk, kv_heads, h // kv_heads)[:, :t]
-    return out.reshape(b, t, h, d), lse.reshape(b, t, h)
+    def chunks(x, axis):
+        x = x.reshape(*x.shape[:axis], m, chunk, *x.shape[axis + 1 :])
+        return jnp.moveaxis(x, axis, 0)
+
+    def one(args):
+        qc, pc, sc = args
+        return _xla_block(qc, k, v, pc, sc, kv_pos, kv_seg, scale)
+
+    out, lse = jax.lax.map(one, (chunks(q, 3), chunks(q_pos, 1), chunks(q_seg, 1)))
+    out = jnp.moveaxis(out, 0, 3).reshape(b, kv_heads, groups, tb, d)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, kv_heads, groups, tb)
+    return out, lse
+
+
+def _xla_block(q, k, v, q_pos, q_seg, kv_pos, kv_seg, scale):
+    """q: [B, K, G, C, D]; k, v: [Bk, K, S, D] (Bk = B or 1); q_*: i32[B, C]; kv_*:
+    i32[Bk, S] -> (out [B, K, G, C, D] in q's dtype, lse f32[B, K, G, C])."""
+    b, kv_heads, groups, c, d = q.shape
+    s = k.shape[2]
+    mask = attention_mask(q_pos, q_seg, kv_pos, kv_seg)  # [B, C, S]
+    if k.shape[0] == b:
+        rows = q.reshape(b, kv_heads, groups * c, d)
+        scores = jnp.einsum("bkrd,bksd->bkrs", rows, k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kv_heads, groups, c, s)
+        mask = mask[:, None, None]
+    else:
+        # One K/V row serves every query row: fold the query batch into the rows of a
+        # single matmul per KV head instead of broadcasting (copying) the keys.
+        rows = jnp.transpose(q, (1, 0, 2, 3, 4)).reshape(kv_heads, b * groups * c, d)
+        scores = jnp.einsum("krd,ksd->krs", rows, k[0], preferred_element_type=jnp.float32)
+        scores = scores.reshape(kv_heads, b, groups, c, s)
+        mask = mask[None, :, None]
+    scores = jnp.where(mask, scores * scale, MASK_VALUE)
+    # The softmax is invariant to the shift, and d lse / d scores = softmax without it.
+    peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    weights = jnp.exp(scores - peak)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    lse = (peak + jnp.log(total))[..., 0]
+    # Normalise after the PV product: a divide over [C, D] instead of [C, S].
+    weights = weights.astype(v.dtype)
+    if k.shape[0] == b:
+        weights = weights.reshape(b, kv_heads, groups * c, s)
+        out = jnp.einsum("bkrs,bksd->bkrd", weights, v, preferred_element_type=jnp.float32)
+        out = out.reshape(b, kv_heads, groups, c, d) / total
+    else:
+        weights = weights.reshape(kv_heads, b * groups * c, s)
+        out = jnp.einsum("krs,ksd->krd", weights, v[0], preferred_element_type=jnp.float32)
+        out = out.reshape(kv_heads, b, groups, c, d) / total
+        out = jnp.transpose(out, (1, 0, 2, 3, 4))
+        lse = jnp.transpose(lse, (1, 0, 2, 3))
+    return out.astype(q.dtype), lse
 
 
 # ---------------------------------------------------------------------------- cudnn

@@ -262,14 +262,27 @@ def export(
 @app.command("demo")
 def demo(
     out: Annotated[
-        Path, typer.Option("--out", help="Run directory (created; the checkpoint goes inside).")
+        Path, typer.Option("--out", help="Run directory; rerunning into it continues the run.")
     ] = Path("runs/demo"),
-    seed: Annotated[int, typer.Option(help="Seed of the random tiny model.")] = 0,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="YAML demo config (default: configs/demo.yaml's values)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: dotted.key=value (repeatable)."),
+    ] = None,
+    restart: Annotated[
+        bool, typer.Option(help="Delete the run directory's earlier demo run and start over.")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Demo: random tiny Qwen2 -> HF checkpoint -> load back -> check -> greedy generation."""
-    from mllm_jax.demo import run_demo
+    """The whole pipeline on a CPU in minutes: generate + filter tasks, train a tiny Qwen2,
+    export it, evaluate it against baselines, write <out>/report/. Ctrl-C is safe: rerun
+    the same command to continue."""
+    from mllm_jax.demo.cli import demo_command
 
-    run_demo(out, seed=seed)
+    raise typer.Exit(demo_command(out, config, set_ or [], restart=restart, progress=progress))
 
 
 def main() -> None:

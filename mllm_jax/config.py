@@ -189,19 +189,34 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     result = _deep_copy(data)
     for text in overrides:
         path, value = parse_override(text)
-        node = result
-        for depth, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = ".".join(path[: depth + 1])
+        node: Any = result
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            where = ".".join(path[: depth + 1])
+            if isinstance(node, list):  # a list item by index: stages.0.steps
+                if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                    raise ConfigError(
+                        f"override {text!r}: {where}: the list has {len(node)} items, "
+                        f"{part!r} is not an index of it"
+                    )
+                part = int(part)
+            elif not last:
+                node.setdefault(part, {})
+            if last:
+                node[part] = value
+            elif not isinstance(node[part], dict | list):
                 raise ConfigError(f"override {text!r}: {where} is a value, not a section")
-            node = child
-        node[path[-1]] = value
+            else:
+                node = node[part]
     return result
 
 
-def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:

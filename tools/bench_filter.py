@@ -241,6 +241,19 @@ def _span(values: list[float]) -> list[float]:
     return [round(min(values), 3), round(max(values), 3)]
 
 
+def _schedstat(pids: set[int]) -> dict[int, tuple[int, int]]:
+    """Per process: (ns spent running, ns spent runnable but waiting for a core)."""
+    stats = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                run, wait, _ = (int(v) for v in f.read().split())
+        except (OSError, ValueError):
+            continue
+        stats[pid] = (run, wait)
+    return stats
+
+
 def bench_pool(args: argparse.Namespace) -> None:
     """Pool vs one process vs the plain scikit-learn loop, interleaved ``--repeats`` times.
 
@@ -249,16 +262,35 @@ def bench_pool(args: argparse.Namespace) -> None:
     how much of the cores the workers actually got, and ``cpu_scaling_efficiency`` = CPU
     per task in one process / (worker + parent CPU per task in the pool), i.e. the share
     of the pool's CPU that is filtering work rather than hand-off overhead.
+
+    ``runnable_fraction`` (Linux only; from the second repeat on) = the share of the wall
+    time each worker was running or waiting for a core, from /proc/PID/schedstat; the rest
+    it slept, i.e. had no task. With a free core per worker, runnable time becomes running
+    time, so ``projected_scaling_efficiency`` = runnable_fraction x cpu_scaling_efficiency
+    estimates the efficiency on an idle machine. It is an estimate, not a measurement.
     """
     tasks, source = load_tasks(args)
     n = len(tasks)
     config = FilterConfig(consensus=args.consensus)
     workers = args.workers
     runs: dict[str, list[dict]] = {"pool": [], "single": [], "reference": []}
+    runnable: list[float] = []
+    pids: set[int] = set()
     with FilterPool(config, workers=workers) as pool:
         pool.warm_up()
         for repeat in range(args.repeats):
-            ours, wall, parent_cpu = _timed(lambda: _pool_results(pool, tasks))
+            before = _schedstat(pids)
+            items, wall, parent_cpu = _timed(lambda: list(pool.imap(_progress(tasks, "pool"))))
+            after = _schedstat(pids)
+            shares = [
+                (after[p][0] + after[p][1] - before[p][0] - before[p][1]) / 1e9 / wall
+                for p in before
+                if p in after
+            ]
+            if len(shares) == workers:
+                runnable.append(statistics.mean(shares))
+            pids = {item.worker_pid for item in items}
+            ours = [item.result for item in items]
             worker_cpu = sum(r.cpu_seconds for r in ours)
             runs["pool"].append(
                 {
@@ -311,6 +343,12 @@ def bench_pool(args: argparse.Namespace) -> None:
             "cpu_scaling_efficiency": round(statistics.median(cpu_efficiency), 3),
             "busy_fraction": round(statistics.median(busy), 3),
             "parent_cpu_share": round(statistics.median(parent_share), 4),
+            "runnable_fraction": round(statistics.median(runnable), 3) if runnable else None,
+            "projected_scaling_efficiency": (
+                round(statistics.median(runnable) * statistics.median(cpu_efficiency), 3)
+                if runnable
+                else None
+            ),
             "cpu_seconds_per_task": {
                 k: round(statistics.median(run["cpu"] for run in v), 4) for k, v in runs.items()
             },

@@ -6,6 +6,10 @@ writers that stay silent on processes other than 0."""
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -213,3 +217,64 @@ def test_only_process_zero_writes_exports(tmp_path, monkeypatch):
     assert save_hf(model, tmp_path / "merged") == tmp_path / "merged"
     assert save_peft_adapter(model, tmp_path / "adapter") == tmp_path / "adapter"
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary
+
+
+# ------------------------------------------------------------------- launch scripts
+
+LAUNCH = Path(__file__).resolve().parent.parent / "tools" / "launch"
+
+
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_multinode.sh"])
+def test_launch_scripts_parse_and_lint(script):
+    subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    done = subprocess.run(["shellcheck", str(LAUNCH / script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
+def test_tpu_pod_script_runs_one_command_on_every_worker():
+    pod = ["--name", "pod", "--zone", "z1", "--type", "v5p-32"]
+    run = ["--config", "configs/train_tiny.yaml", "--set", "seed=3", "--sync", "gs://bucket/data"]
+    done = subprocess.run(
+        ["bash", str(LAUNCH / "tpu_pod.sh"), "--dry-run", *pod, *run, "all"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=LAUNCH.parent.parent,
+    )
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("+ gcloud compute tpus tpu-vm create pod --zone=z1")
+    assert "--accelerator-type=v5p-32 --version=v2-alpha-tpuv5" in lines[0]
+    ssh_all = [line for line in lines if " ssh pod " in line and "--worker=all" in line]
+    assert len(ssh_all) == 4  # unpack, install, sync, train
+    train = ssh_all[-1]
+    assert "mllm-jax\\ train\\ --config\\ run.yaml\\ --set\\ seed=3" in train
+    assert any("scp configs/train_tiny.yaml pod:mllm_jax/run.yaml" in line for line in lines)
+    assert lines[-1].endswith(
+        "--worker=0 --command=tail\\ -n\\ 200\\ -F\\ \\$HOME/mllm_jax_train.log"
+    )
+    refused = subprocess.run(
+        ["bash", str(LAUNCH / "tpu_pod.sh"), "--name", "pod", "up"], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "--zone (or TPU_ZONE) is required" in refused.stderr
+
+
+def test_gpu_script_sets_the_job_from_env_or_slurm():
+    def dry(**env):
+        return subprocess.run(
+            ["bash", str(LAUNCH / "gpu_multinode.sh"), "--config", "run.yaml"],
+            env={"PATH": os.environ["PATH"], "DRY_RUN": "1", **env},
+            capture_output=True,
+            text=True,
+        )
+
+    done = dry(COORDINATOR="10.0.0.1:8476", NUM_NODES="2", NODE_RANK="1")
+    assert (
+        "JAX_COORDINATOR_ADDRESS=10.0.0.1:8476 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1" in done.stdout
+    )
+    assert done.stdout.splitlines()[-1].strip() == "mllm-jax train --config run.yaml"
+    slurm = dry(SLURM_PROCID="3", SLURM_NTASKS="4", COORDINATOR="node0:8476")
+    assert "JAX_NUM_PROCESSES=4 JAX_PROCESS_ID=3" in slurm.stdout
+    missing = dry(NUM_NODES="2")
+    assert missing.returncode == 2 and "set COORDINATOR NODE_RANK" in missing.stderr

@@ -164,9 +164,6 @@ def initialize(config: DistributedConfig | None = None) -> bool:
         return True
     if config.mode == "off":
         return False
-    cluster = detected_cluster()
-    if config.mode == "auto" and not config.explicit and cluster is None:
-        return False
     missing = [
         what
         for what, value in (
@@ -176,6 +173,12 @@ def initialize(config: DistributedConfig | None = None) -> bool:
         )
         if value is None
     ]
+    # With every setting given, jax's cluster detection stays off: under SLURM or Open MPI
+    # it would otherwise show each process one accelerator (it assumes one process per
+    # device), where we run one process per host.
+    cluster = detected_cluster() if missing else None
+    if config.mode == "auto" and not config.explicit and cluster is None:
+        return False
     if missing and cluster is None:
         raise DistributedError(
             f"cannot join a multi-host job: no {', no '.join(missing)} given (flags "
@@ -194,6 +197,7 @@ def initialize(config: DistributedConfig | None = None) -> bool:
             coordinator_address=config.coordinator,
             num_processes=config.num_processes,
             process_id=config.process_id,
+            cluster_detection_method=None if missing else "deactivate",
             initialization_timeout=config.initialization_timeout_s,
             heartbeat_timeout_seconds=config.heartbeat_timeout_s,
             shutdown_timeout_seconds=config.shutdown_timeout_s,

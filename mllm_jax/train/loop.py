@@ -638,11 +638,11 @@ def load_trained(
 ) -> tuple[nnx.Module, TrainConfig]:
     """The model of a run with its trained parameters: `step` None = newest checkpoint,
     an int = that checkpoint, "best" = the best validation step. Without a mesh the
-    model lives on one device. Returns (model, the run's config)."""
+    model lives on one device of this process. Returns (model, the run's config)."""
     run_dir = Path(run_dir)
     config = load_config(TrainConfig, run_dir / CONFIG_FILE)
     if mesh is None:
-        mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        mesh = make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
     rules = rules or ShardingRules.default()
     base = prepare_base(config, run_dir)
     model = build_model(config, base, mesh, rules)

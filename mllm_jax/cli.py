@@ -37,6 +37,69 @@ def _root(
     """MachineLearningLM in JAX."""
 
 
+@app.command("generate")
+def generate(
+    out: Annotated[Path, typer.Option("--out", help="Corpus directory (shared by processes).")],
+    count: Annotated[int, typer.Option(help="Tasks in the corpus (all processes together).")],
+    seed: Annotated[int, typer.Option(help="Corpus seed.")] = 0,
+    start: Annotated[int, typer.Option(help="Index of the corpus's first task.")] = 0,
+    shard_size: Annotated[int, typer.Option(help="Tasks per shard file.")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Tasks per prior call.")] = 256,
+    filter_: Annotated[
+        bool, typer.Option("--filter/--no-filter", help="Keep only tasks a random forest learns.")
+    ] = False,
+    consensus: Annotated[
+        bool, typer.Option(help="With --filter: store the consensus row mask (warm-up corpus).")
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Filter worker processes (default: one per core).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="prior.<field>=value or filter.<field>=value (repeatable)."),
+    ] = None,
+    process_index: Annotated[
+        int | None, typer.Option(help="This process's slot (default: jax.process_index()).")
+    ] = None,
+    process_count: Annotated[
+        int | None, typer.Option(help="Processes sharing the range (default: jax's).")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace this process's finished output.")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Synthetic tasks from the prior (optionally random-forest filtered) into ArrayRecord
+    shards + manifest-pP.json; prints the report as one JSON line."""
+    import json
+
+    from mllm_jax.data.generate import GenerateError, build_config
+    from mllm_jax.data.generate import generate as run_generate
+
+    try:
+        config = build_config(
+            seed=seed,
+            start=start,
+            count=count,
+            filter_tasks=filter_,
+            consensus=consensus,
+            overrides=set_ or [],
+            process_index=process_index,
+            process_count=process_count,
+            shard_size=shard_size,
+            batch_size=batch_size,
+            workers=workers,
+            overwrite=overwrite,
+        )
+        manifest = run_generate(config, out, progress=progress)
+    except GenerateError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    summary = {k: v for k, v in manifest.items() if k not in ("prior", "filter", "shards")}
+    summary.pop("invalid_indices")
+    typer.echo(json.dumps({**summary, "shards": len(manifest["shards"])}))
+
+
 @app.command("eval")
 def eval_(
     data: Annotated[
@@ -159,8 +222,13 @@ def predict(
 @app.command("stats")
 def stats(
     data_dir: Annotated[
-        Path, typer.Option("--data-dir", help="Directory of *.csv / *.csv.gz with a label column.")
-    ] = Path("/work/shared/data"),
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Directory of *.csv / *.csv.gz with a label column (default: the 3 tables "
+            "bundled with the package).",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Writes stats.jsonl and stats.png.")] = Path(
         "runs/stats"
     ),
@@ -172,9 +240,11 @@ def stats(
     ] = None,
 ) -> None:
     """Tokens per row and rows per context: our encoding vs plain CSV, on real datasets."""
+    from mllm_jax.assets import bundled_datasets
     from mllm_jax.encoding.stats import run_stats
     from mllm_jax.encoding.tokens import PromptTokenizer, load_backend_tokenizer
 
+    data_dir = bundled_datasets() if data_dir is None else data_dir
     if not data_dir.is_dir():
         typer.echo(f"error: data directory {data_dir} does not exist", err=True)
         raise typer.Exit(2)

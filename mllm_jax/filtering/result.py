@@ -68,15 +68,17 @@ class FilterResult:
         """Share of rows kept by consensus, or None when no mask was computed."""
         return None if self.consensus is None else float(np.mean(self.consensus))
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain data for ``Task.extra["filter"]`` and the JSON report."""
+    def to_json(self, *, timings: bool = True) -> dict[str, Any]:
+        """Plain data for the per-task log and (``timings=False``: the same bytes in every
+        run) ``Task.extra["filter"]``."""
         out: dict[str, Any] = {
             "accepted": self.accepted,
             "reason": None if self.reason is None else str(self.reason),
             "message": self.message,
-            "seconds": round(self.seconds, 6),
-            "cpu_seconds": round(self.cpu_seconds, 6),
         }
+        if timings:
+            out["seconds"] = round(self.seconds, 6)
+            out["cpu_seconds"] = round(self.cpu_seconds, 6)
         if self.metrics is not None:
             out.update(self.metrics.to_json())
         if self.consensus is not None:

@@ -130,9 +130,10 @@ def apply_filters(task: Task, config: FilterConfig | None = None) -> FilterResul
 
 
 def annotate(task: Task, result: FilterResult) -> Task:
-    """The task with its consensus mask (if any) and ``extra["filter"]`` = the decision."""
+    """The task with its consensus mask (if any) and ``extra["filter"]`` = the decision and
+    metrics (no timings, so a stored task is the same bytes in every run)."""
     return dataclasses.replace(
         task,
         consensus=result.consensus if result.consensus is not None else task.consensus,
-        extra={**task.extra, "filter": result.to_json()},
+        extra={**task.extra, "filter": result.to_json(timings=False)},
     )

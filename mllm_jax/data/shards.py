@@ -1,0 +1,228 @@
+"""Task corpora on disk: ArrayRecord shards of task records plus one manifest per process.
+
+A corpus directory holds, for each generating process ``P`` (zero-padded)::
+
+    tasks-pP-00000.array_record, tasks-pP-00001.array_record, ...   one encode_task record
+                                                                     per task, index order
+    manifest-pP.json                                                 written last
+
+Shards are written under a hidden temporary name (``.tasks-...tmp``) and renamed when they
+are complete; the manifest is written atomically after the last shard, so a process's
+part of a corpus is complete exactly when its manifest exists. Sorting the shard names
+gives index order across processes (process P holds a contiguous index range below
+process P + 1's), so ``DIR/*.array_record`` globs (the training config's ``data.shards``)
+read a complete corpus in order; :func:`list_corpus_shards` additionally checks that every
+process finished and lists only the shards the manifests name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mllm_jax.data.tasks import Task, encode_task
+
+MANIFEST_FORMAT = "mllm_jax.task_corpus"
+MANIFEST_VERSION = 1
+
+
+class CorpusError(ValueError):
+    """A corpus directory is missing, incomplete or inconsistent."""
+
+
+def shard_name(process_index: int, shard: int) -> str:
+    return f"tasks-p{process_index:05d}-{shard:05d}.array_record"
+
+
+def manifest_name(process_index: int) -> str:
+    return f"manifest-p{process_index:05d}.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Writes JSON to a temporary file beside ``path``, then renames it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class ShardWriter:
+    """Writes tasks into consecutive ArrayRecord shards of ``shard_size`` records each.
+
+    Records use ``group_size:1`` so grain can read any record on its own. A shard is
+    written as ``.<name>.tmp`` and renamed to ``<name>`` when full or on :meth:`close`.
+    Used as a context manager, an exception removes everything this writer wrote (its
+    temporary file and the shards it completed), so an interrupted run leaves nothing
+    that looks finished.
+
+    Attributes:
+        count: tasks written so far.
+        shards: per completed shard: ``{"file", "tasks", "first_index", "last_index"}``.
+    """
+
+    def __init__(self, directory: Path, shard_size: int, *, process_index: int = 0) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        if process_index < 0:
+            raise ValueError(f"process_index must be >= 0, got {process_index}")
+        self.directory = Path(directory)
+        self.shard_size = shard_size
+        self.process_index = process_index
+        self.count = 0
+        self.shards: list[dict[str, Any]] = []
+        self._writer: Any = None
+        self._open: dict[str, Any] | None = None
+
+    @property
+    def paths(self) -> list[Path]:
+        """The completed shards, in order."""
+        return [self.directory / shard["file"] for shard in self.shards]
+
+    def _temp_path(self, name: str) -> Path:
+        return self.directory / f".{name}.tmp"
+
+    def add(self, task: Task) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self._open is None:
+            name = shard_name(self.process_index, len(self.shards))
+            self._writer = ArrayRecordWriter(str(self._temp_path(name)), "group_size:1")
+            self._open = {"file": name, "tasks": 0, "first_index": task.index}
+        self._writer.write(encode_task(task))
+        self._open["tasks"] += 1
+        self._open["last_index"] = task.index
+        self.count += 1
+        if self._open["tasks"] == self.shard_size:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        if self._open is None:
+            return
+        self._writer.close()
+        self._writer = None
+        name = self._open["file"]
+        os.replace(self._temp_path(name), self.directory / name)
+        self.shards.append(self._open)
+        self._open = None
+
+    def close(self) -> None:
+        """Completes the open shard (if any)."""
+        self._finish_shard()
+
+    def abort(self) -> None:
+        """Removes the open shard's temporary file and every shard this writer completed."""
+        if self._open is not None:
+            self._writer.close()
+            self._temp_path(self._open["file"]).unlink(missing_ok=True)
+            self._writer, self._open = None, None
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+        self.shards = []
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def remove_process_files(directory: Path, process_index: int) -> list[Path]:
+    """Deletes process ``process_index``'s manifest, shards and temporary files (a stale or
+    interrupted earlier run); returns what was removed."""
+    directory = Path(directory)
+    prefix = f"tasks-p{process_index:05d}-"
+    removed = []
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        name = path.name
+        stale = (
+            name == manifest_name(process_index)
+            or (name.startswith(prefix) and name.endswith(".array_record"))
+            or name.startswith(f".{prefix}")
+            or name.startswith(f".{manifest_name(process_index)}.")
+        )
+        if stale and path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def read_manifests(directory: Path) -> list[dict[str, Any]]:
+    """Every process manifest of a corpus directory, by process index.
+
+    Raises:
+        CorpusError: no directory, no manifest, a foreign or unreadable manifest.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CorpusError(f"{directory}: no such corpus directory")
+    manifests = []
+    for path in sorted(directory.glob("manifest-p*.json")):
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CorpusError(f"{path}: unreadable manifest ({err})") from err
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise CorpusError(f"{path}: not a task corpus manifest")
+        if manifest.get("version") != MANIFEST_VERSION:
+            raise CorpusError(
+                f"{path}: manifest version {manifest.get('version')}, this reader knows "
+                f"{MANIFEST_VERSION}"
+            )
+        manifests.append(manifest)
+    if not manifests:
+        raise CorpusError(f"{directory}: no manifest-p*.json (generation not run or not finished)")
+    return sorted(manifests, key=lambda m: m["process_index"])
+
+
+def list_corpus_shards(directory: Path, *, require_all_processes: bool = True) -> list[Path]:
+    """The complete shards of a corpus, in task index order.
+
+    Args:
+        directory: the corpus directory ``mllm-jax generate --out`` wrote.
+        require_all_processes: refuse a corpus where some of the processes that share it
+            have not finished (their manifest is missing).
+
+    Raises:
+        CorpusError: missing manifests, manifests of different corpora (seed, range,
+            process count), or a shard a manifest lists that is not on disk.
+    """
+    directory = Path(directory)
+    manifests = read_manifests(directory)
+    first = manifests[0]
+    identity = ("seed", "corpus_start", "corpus_count", "process_count")
+    for manifest in manifests[1:]:
+        for key in identity:
+            if manifest[key] != first[key]:
+                raise CorpusError(
+                    f"{directory}: manifests disagree on {key} ({first[key]} in process "
+                    f"{first['process_index']}, {manifest[key]} in process "
+                    f"{manifest['process_index']})"
+                )
+    if require_all_processes:
+        present = {m["process_index"] for m in manifests}
+        missing = sorted(set(range(first["process_count"])) - present)
+        if missing:
+            raise CorpusError(
+                f"{directory}: processes {missing} of {first['process_count']} have not "
+                "finished (no manifest)"
+            )
+    paths = []
+    for manifest in manifests:
+        for shard in manifest["shards"]:
+            path = directory / shard["file"]
+            if not path.is_file():
+                raise CorpusError(f"{path}: listed in its manifest but missing")
+            paths.append(path)
+    return paths

@@ -1,7 +1,7 @@
 """The demo's generate stage: prior -> random-forest filter -> task shards, per corpus.
 
 Each corpus (an index range of the prior) is filtered into `<out>/data/<name>/`:
-`tasks-00000.array_record, ...` (one `encode_task` record per accepted task, in index
+`tasks-p00000-00000.array_record, ...` (one `encode_task` record per accepted task, in index
 order) and `report.json` (the filter report with the prior settings). The directory is
 assembled under a temporary name and renamed into place when complete, so an interrupted
 run never leaves a corpus that looks finished.
@@ -16,43 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from mllm_jax.config import to_dict
-from mllm_jax.data.tasks import Task, encode_task
+from mllm_jax.data.shards import ShardWriter
+from mllm_jax.data.tasks import Task
 from mllm_jax.demo.config import CorpusConfig, GenerateConfig
 from mllm_jax.eval.results_io import write_json
 
 REPORT_FILE = "report.json"
-SHARD_PATTERN = "tasks-{:05d}.array_record"
-
-
-class ShardWriter:
-    """Writes tasks into consecutive ArrayRecord files of `per_shard` records each."""
-
-    def __init__(self, directory: Path, per_shard: int) -> None:
-        self.directory = directory
-        self.per_shard = per_shard
-        self.count = 0
-        self.paths: list[Path] = []
-        self._writer: Any = None
-
-    def add(self, task: Task) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        if self.count % self.per_shard == 0:
-            self._close_current()
-            path = self.directory / SHARD_PATTERN.format(len(self.paths))
-            # group_size 1: every record is readable on its own (grain reads by index).
-            self._writer = ArrayRecordWriter(str(path), "group_size:1")
-            self.paths.append(path)
-        self._writer.write(encode_task(task))
-        self.count += 1
-
-    def _close_current(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def close(self) -> None:
-        self._close_current()
 
 
 def corpus_dir(out: Path, name: str) -> Path:

@@ -1,0 +1,228 @@
+"""`mllm-jax generate`: prior -> filter pool -> shards + manifest; multi-process union,
+interruption, accounting of every index, grain reading the corpus back.
+
+The default tests feed the command a cheap numpy stand-in for the prior (same batch
+interface: ``indices``, ``valid``, ``to_tasks()``); the real prior runs in a slow test.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordReader
+from typer.testing import CliRunner
+
+from mllm_jax.cli import app
+from mllm_jax.data.generate import GenerateConfig, GenerateError, generate, process_slice
+from mllm_jax.data.shards import CorpusError, list_corpus_shards
+from mllm_jax.data.tasks import decode_task
+from mllm_jax.filtering import FilterConfig
+from mllm_jax.prior.batch import TaskBatch
+
+ROWS, FEATURES, N_TRAIN = 60, 4, 40
+
+
+def fake_batches(seed, start, count, prior, batch_size):
+    """Task i: learnable labels (x0 > 0) when i is even, coin flips when odd; every index
+    equal to 3 mod 7 is invalid. A pure function of (seed, i), like the prior."""
+    for lo in range(start, start + count, batch_size):
+        n = min(batch_size, start + count - lo)
+        X = np.zeros((n, ROWS, FEATURES), np.float32)
+        y = np.zeros((n, ROWS), np.int32)
+        for k in range(n):
+            i = lo + k
+            rng = np.random.default_rng([seed, i])
+            X[k] = rng.normal(size=(ROWS, FEATURES))
+            learnable = (X[k, :, 0] > 0).astype(np.int32)
+            y[k] = learnable if i % 2 == 0 else rng.integers(0, 2, ROWS)
+        valid = (np.arange(lo, lo + n) % 7) != 3
+        yield TaskBatch(
+            X=X * valid[:, None, None],
+            y=y,
+            n_features=np.full(n, FEATURES, np.int32),
+            n_classes=np.full(n, 2, np.int32),
+            n_train=np.full(n, N_TRAIN, np.int32),
+            categorical=np.zeros((n, FEATURES), bool),
+            family=np.array(["mlp"] * n),
+            valid=valid,
+            seed=seed,
+            start=lo,
+        )
+
+
+FILTER = FilterConfig(n_estimators=5, consensus=True, consensus_folds=3)
+
+
+def records(directory) -> list[bytes]:
+    out = []
+    for path in list_corpus_shards(directory):
+        reader = ArrayRecordReader(str(path))
+        out.extend(reader.read_all())
+        reader.close()
+    return out
+
+
+def run(directory, *, process_index=0, process_count=1, filter=None, **changes):
+    config = GenerateConfig(
+        seed=3,
+        start=10,
+        count=30,
+        filter=filter,
+        shard_size=4,
+        batch_size=8,
+        process_index=process_index,
+        process_count=process_count,
+        workers=2,
+        **changes,
+    )
+    return generate(config, directory, progress=False, batches=fake_batches)
+
+
+def test_process_slices_partition_the_range():
+    slices = [process_slice(5, 11, p, 3) for p in range(3)]
+    assert [list(s) for s in slices] == [[5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    with pytest.raises(GenerateError, match="process_index 3 not in"):
+        process_slice(0, 10, 3, 3)
+
+
+@pytest.mark.parametrize("filtered", [False, True], ids=["unfiltered", "filtered"])
+def test_processes_together_write_the_one_process_corpus(tmp_path, filtered):
+    config = FILTER if filtered else None
+    one = run(tmp_path / "one", filter=config)
+    # Two "hosts" writing their slices into one directory, one after the other.
+    parts = [run(tmp_path / "two", process_index=p, process_count=2, filter=config) for p in (0, 1)]
+    assert [(m["start"], m["count"]) for m in parts] == [(10, 15), (25, 15)]
+    assert records(tmp_path / "two") == records(tmp_path / "one")  # byte for byte
+
+    tasks = [decode_task(r) for r in records(tmp_path / "one")]
+    invalid = [i for i in range(10, 40) if i % 7 == 3]
+    assert one["invalid_indices"] == invalid
+    assert one["invalid"] == sum(m["invalid"] for m in parts) == len(invalid)
+    assert one["tasks_written"] + one["invalid"] + one["rejected"] == 30
+    assert one["tasks_written"] == len(tasks) == sum(s["tasks"] for s in one["shards"])
+    assert [t.index for t in tasks] == sorted(t.index for t in tasks)
+    if not filtered:
+        assert [t.index for t in tasks] == [i for i in range(10, 40) if i not in invalid]
+        assert one["rejected"] == 0 and all(t.consensus is None for t in tasks)
+        return
+    # Every learnable task kept; only coin-flip tasks rejected; each one accounted for.
+    written = {t.index for t in tasks}
+    assert {i for i in range(10, 40, 2) if i not in invalid} <= written
+    assert one["rejected"] == sum(one["rejected_by_reason"].values()) > 0
+    assert one["rejected"] == len(set(range(10, 40)) - written - set(invalid))
+    for task in tasks:
+        assert task.extra["filter"]["accepted"] and "seconds" not in task.extra["filter"]
+        assert task.consensus is not None and task.consensus.shape == (ROWS,)
+    assert one["filter"]["n_estimators"] == 5 and one["consensus"]
+    assert one["report"]["consensus_rows_total"] == ROWS * len(tasks)
+
+
+def test_an_interrupted_run_leaves_nothing_that_looks_complete(tmp_path):
+    def interrupted(*args):
+        batches = fake_batches(*args)
+        yield next(batches)
+        yield next(batches)  # 16 tasks: shards 0-2 complete, shard 3 open
+        raise KeyboardInterrupt
+
+    config = GenerateConfig(seed=3, start=0, count=40, shard_size=4, batch_size=8)
+    with pytest.raises(KeyboardInterrupt):
+        generate(config, tmp_path, progress=False, batches=interrupted)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CorpusError):
+        list_corpus_shards(tmp_path)
+
+    # What a SIGKILL leaves (renamed shards, a temporary, no manifest) is cleared by a rerun.
+    (tmp_path / "tasks-p00000-00009.array_record").write_bytes(b"stale")
+    (tmp_path / ".tasks-p00000-00010.array_record.tmp").write_bytes(b"partial")
+    manifest = generate(config, tmp_path, progress=False, batches=fake_batches)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([s["file"] for s in manifest["shards"]] + ["manifest-p00000.json"])
+
+    with pytest.raises(GenerateError, match="already generated"):
+        generate(config, tmp_path, progress=False, batches=fake_batches)
+    again = generate(
+        GenerateConfig(seed=3, start=0, count=40, shard_size=4, batch_size=8, overwrite=True),
+        tmp_path,
+        progress=False,
+        batches=fake_batches,
+    )
+    assert again["shards"] == manifest["shards"]
+
+
+def test_grain_pipeline_reads_the_corpus(tmp_path):
+    import grain
+
+    from mllm_jax.data.pipeline import PipelineConfig, build_pipeline
+    from mllm_jax.encoding.sampling import SamplingConfig
+
+    run(tmp_path)
+    paths = list_corpus_shards(tmp_path)
+    source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+    assert [decode_task(source[i]).index for i in range(len(source))] == [
+        decode_task(r).index for r in records(tmp_path)
+    ]
+    sampling = SamplingConfig(min_shots=8, max_shots=32, max_queries=8, token_budget=2048)
+    pipeline = build_pipeline(
+        paths,
+        PipelineConfig(sampling=sampling, seq_len=2048, batch_size=1),
+        seed=0,
+        process_index=0,
+        process_count=1,
+    )
+    batch = next(iter(pipeline))
+    assert all(np.shape(v)[:2] == (1, 2048) for v in batch.values())
+
+
+def test_cli_generate(tmp_path, monkeypatch):
+    import mllm_jax.prior
+
+    monkeypatch.setattr(mllm_jax.prior, "iter_task_batches", fake_batches)
+    runner = CliRunner()
+    out = tmp_path / "corpus"
+    args = ["generate", "--out", str(out), "--seed", "3", "--start", "10", "--count", "30"]
+    args += ["--shard-size", "8", "--batch-size", "8", "--no-progress"]
+    result = runner.invoke(
+        app, [*args, "--filter", "--consensus", "--workers", "2", "--set", "filter.n_estimators=5"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    manifest = json.loads((out / "manifest-p00000.json").read_text())
+    assert summary["tasks_written"] == manifest["tasks_written"] == len(records(out)) > 0
+    assert manifest["filter"]["n_estimators"] == 5 and manifest["filter"]["consensus"]
+    assert manifest["prior"]["rows"] == 1024 and manifest["seed"] == 3
+    assert manifest["versions"]["mllm_jax"]
+
+    for extra, message in [
+        (["--consensus"], "--consensus needs --filter"),
+        (["--set", "prior.rows=1"], "rows=1 too few for a split"),
+        (["--set", "filter.n_trees=3"], "unknown key"),
+        (["--set", "rows=3"], "expected prior.<field>=value"),
+        (["--process-index", "1"], "give both --process-index and --process-count"),
+        (["--process-index", "2", "--process-count", "2"], "process_index 2 not in"),
+    ]:
+        result = runner.invoke(app, [*args, "--overwrite", *extra])
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in result.output, (extra, result.output)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "already generated" in result.output
+
+
+@pytest.mark.slow
+def test_real_prior_end_to_end(tmp_path):
+    """The real prior (small tasks) through the CLI, filtered, split over 2 processes."""
+    runner = CliRunner()
+    small = ["prior.rows=128", "prior.max_features=8", "prior.max_hidden=32"]
+    small += ["prior.widths=[16,32]", "filter.n_estimators=10"]
+    sets = [arg for s in small for arg in ("--set", s)]
+    base = ["generate", "--count", "24", "--batch-size", "8", "--shard-size", "5", "--filter"]
+    base += ["--no-progress", "--workers", "2", *sets]
+    one = runner.invoke(app, [*base, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    for p in (0, 1):
+        slot = ["--process-index", str(p), "--process-count", "2"]
+        two = runner.invoke(app, [*base, "--out", str(tmp_path / "two"), *slot])
+        assert two.exit_code == 0, two.output
+    assert records(tmp_path / "two") == records(tmp_path / "one")
+    manifest = json.loads((tmp_path / "one" / "manifest-p00000.json").read_text())
+    assert manifest["tasks_written"] + manifest["invalid"] + manifest["rejected"] == 24
+    assert manifest["tasks_written"] > 0

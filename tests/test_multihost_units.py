@@ -260,6 +260,50 @@ def test_tpu_pod_script_runs_one_command_on_every_worker():
     assert refused.returncode == 2 and "--zone (or TPU_ZONE) is required" in refused.stderr
 
 
+def _stub(path: Path, body: str) -> None:
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_tpu_pod_generate_gives_each_worker_its_slice(tmp_path):
+    """`generate` on a 4-worker slice, with stand-ins: `gcloud ... ssh --worker=all`
+    runs the remote command once per worker here, `curl` answers the metadata server for
+    that worker, `mllm-jax` records its arguments. Each worker gets its own index."""
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    (home / "mllm_jax" / ".venv" / "bin").mkdir(parents=True)
+    bin_dir.mkdir()
+    _stub(
+        bin_dir / "gcloud",
+        'for a in "$@"; do case "$a" in --command=*) cmd="${a#--command=}" ;; esac; done\n'
+        'for w in 0 1 2 3; do WORKER=$w bash -c "$cmd" || exit 1; done\n',
+    )
+    _stub(
+        bin_dir / "curl",
+        'case "${@: -1}" in\n'
+        '  */agent-worker-number) echo -n "$WORKER" ;;\n'
+        "  */worker-network-endpoints) echo -n 'w-0,w-1,w-2,w-3' ;;\n"
+        "  *) exit 22 ;;\n"
+        "esac\n",
+    )
+    _stub(
+        home / "mllm_jax" / ".venv" / "bin" / "mllm-jax",
+        'echo "$*" >> "$HOME/calls.txt"\n',
+    )
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(home)}
+    gen = "--out /shared/corpus --count 1000 --seed 7 --filter"
+    command = ["bash", str(LAUNCH / "tpu_pod.sh"), "--name", "pod", "--zone", "z1"]
+    done = subprocess.run(
+        [*command, "--gen-args", gen, "generate"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    calls = (home / "calls.txt").read_text().splitlines()
+    assert calls == [
+        f"generate {gen} --process-index {w} --process-count 4 --no-progress" for w in range(4)
+    ]
+    refused = subprocess.run([*command, "generate"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "generate needs --gen-args" in refused.stderr
+
+
 def test_gpu_script_sets_the_job_from_env_or_slurm():
     def dry(**env):
         return subprocess.run(

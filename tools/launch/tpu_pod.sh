@@ -11,6 +11,9 @@
 #   push     copy this repository (git HEAD) and the config to every worker
 #   install  python venv + `pip install -e .[tpu]` on every worker
 #   sync     copy --sync (a gs:// prefix: task shards, the base checkpoint) to $HOME/mllm_data
+#   generate `mllm-jax generate --gen-args` on every worker, each its own slice of the task
+#            range (--process-index = the worker number, --process-count = the workers),
+#            into one shared --out (a bucket mount or shared disk); not part of "all"
 #   train    start `mllm-jax train` on every worker (jax.distributed detects the slice)
 #   logs     follow process 0's log (Ctrl-C stops following, not training)
 #   stop     stop the training processes (the pid each worker recorded)
@@ -28,6 +31,7 @@ TYPE="${TPU_TYPE:-v5p-8}"
 VERSION="${TPU_VERSION:-}"  # default: the usual runtime image of --type (see below)
 CONFIG=""
 SYNC=""
+GEN_ARGS=""
 SPOT=0
 DRY_RUN=0
 OVERRIDES=()
@@ -41,7 +45,7 @@ REMOTE_DATA="\$HOME/mllm_data"
 usage() {
     sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
     echo "Options: --name --zone --project --type --version --config FILE --set KEY=VALUE"
-    echo "         --sync gs://PREFIX --spot --dry-run (print the gcloud commands only)"
+    echo "         --sync gs://PREFIX --gen-args 'ARGS' --spot --dry-run (print the gcloud commands only)"
     exit "${1:-0}"
 }
 
@@ -55,10 +59,11 @@ while (($#)); do
         --config) CONFIG="$2"; shift 2 ;;
         --set) OVERRIDES+=("$2"); shift 2 ;;
         --sync) SYNC="$2"; shift 2 ;;
+        --gen-args) GEN_ARGS="$2"; shift 2 ;;
         --spot) SPOT=1; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h | --help) usage 0 ;;
-        up | push | install | sync | train | logs | stop | down) STEPS+=("$1"); shift ;;
+        up | push | install | sync | generate | train | logs | stop | down) STEPS+=("$1"); shift ;;
         all) STEPS+=(up push install sync train logs); shift ;;
         *) echo "error: unknown argument '$1'" >&2; usage 2 ;;
     esac
@@ -122,6 +127,18 @@ step_install() {
 step_sync() {
     [[ -n "$SYNC" ]] || { echo "sync: no --sync given, skipped"; return; }
     on_all "mkdir -p $REMOTE_DATA && gcloud storage rsync --recursive $(printf '%q' "$SYNC") $REMOTE_DATA"
+}
+
+step_generate() {
+    [[ -n "$GEN_ARGS" ]] || { echo "error: generate needs --gen-args '--out DIR --count N ...'" >&2; exit 2; }
+    # The worker's number and the slice's workers come from the TPU VM metadata (what
+    # jax's own TPU cluster detection reads); `generate` does not join jax.distributed.
+    local metadata="http://metadata.google.internal/computeMetadata/v1/instance/attributes"
+    local get="curl -sf -H Metadata-Flavor:Google $metadata"
+    on_all "cd $REMOTE_DIR && W=\$($get/agent-worker-number) \
+&& N=\$($get/worker-network-endpoints | tr ',' '\\n' | grep -c .) \
+&& .venv/bin/mllm-jax generate $GEN_ARGS --process-index \$W --process-count \$N --no-progress \
+> \$HOME/mllm_jax_generate.log 2>&1"
 }
 
 step_train() {

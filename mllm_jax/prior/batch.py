@@ -10,18 +10,20 @@ from mllm_jax.data.tasks import Task
 
 FAMILY_NAMES = ("mlp", "tree")
 
-# Hyperparameters copied into Task.extra (cheap scalars worth keeping with a task).
+# Per-task metadata copied into Task.extra (cheap scalars worth keeping with a task).
 EXTRA_FIELDS = (
     "attempts",
     "n_classes_drawn",
+    "noise_std",
+    "sampling",
+    "class_thresholds",
     "is_causal",
     "num_layers",
     "hidden",
-    "noise_std",
     "init_std",
-    "sampling",
-    "rank_classes",
 )
+# The MLP architecture fields; a tree task draws its own, so its Task.extra omits them.
+MLP_ONLY_FIELDS = ("is_causal", "num_layers", "hidden", "init_std")
 
 
 @dataclass
@@ -69,6 +71,8 @@ class TaskBatch:
         nf = int(self.n_features[i])
         extra = {}
         for name, values in self.extra.items():
+            if self.family[i] != "mlp" and name in MLP_ONLY_FIELDS:
+                continue
             v = values[i]
             extra[name] = v.item() if isinstance(v, np.generic) else v
         return Task(

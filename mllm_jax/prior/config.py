@@ -32,7 +32,9 @@ class PriorConfig:
         cat_prob: probability that a task turns some columns categorical.
         attempts: J, draws per task; a task is the first valid of J attempts.
         sine_terms: sine terms kept (largest |weight| first) of the reference's 256-term
-            random sine-sum activation; 32 keep 98.8% of its energy on average.
+            random sine-sum activation.
+        sine_table: points of the table the sine sum is interpolated from (a multiple of
+            128; 0 evaluates it at every element). See docs/prior.md for the error.
         tree_candidates: random (feature, threshold) split candidates scored per tree
             level (the reference's XGBoost scores every feature at 256 histogram cuts).
         max_hidden: cap on the MLP hidden width (the reference's width distribution has
@@ -50,7 +52,8 @@ class PriorConfig:
     tree_prob: float = 0.3
     cat_prob: float = 0.2
     attempts: int = 10
-    sine_terms: int = 32
+    sine_terms: int = 256
+    sine_table: int = 4096
     tree_candidates: int = 64
     max_hidden: int = 512
     chunk_size: int = 8
@@ -88,6 +91,10 @@ class PriorConfig:
         need(0.0 <= self.cat_prob <= 1.0, f"cat_prob={self.cat_prob} not in [0, 1]")
         need(self.attempts >= 1, f"attempts={self.attempts} must be >= 1")
         need(1 <= self.sine_terms <= 256, f"sine_terms={self.sine_terms} not in [1, 256]")
+        need(
+            self.sine_table >= 0 and self.sine_table % 128 == 0,
+            f"sine_table={self.sine_table} must be 0 or a positive multiple of 128",
+        )
         need(self.tree_candidates >= 1, f"tree_candidates={self.tree_candidates} must be >= 1")
         need(self.chunk_size >= 1, f"chunk_size={self.chunk_size} must be >= 1")
         need(

@@ -101,7 +101,14 @@ def _read_off(
 
 
 def mlp_scm(
-    stream: rng.Stream, hp: HParams, *, width: int, n_slots: int, rows: int, sine_terms: int
+    stream: rng.Stream,
+    hp: HParams,
+    *,
+    width: int,
+    n_slots: int,
+    rows: int,
+    sine_terms: int,
+    sine_table: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Raw features and target of one MLP-SCM draw.
 
@@ -112,6 +119,7 @@ def mlp_scm(
         n_slots: static feature slots (config.max_features).
         rows: static number of rows.
         sine_terms: static terms of the sine-sum activation.
+        sine_table: static points of its interpolation table (0: direct).
 
     Returns:
         (f32[rows, n_slots] X with hp.n_features real columns, f32[rows] y, bool ok).
@@ -131,10 +139,10 @@ def mlp_scm(
     n_blocks = hp.num_layers - 1 + jnp.where(causal, 0, 1)
 
     def block(b, carry):
-        h, X, y = carry
+        h, X_t, y = carry
         s = rng.fold(stream, 1000 + b)
         n_out = jnp.where(~causal & (b == n_blocks), 1, hidden)
-        a, _ = activation(rng.fold(s, 0), h, hidden, hp.act_probs, sine_terms)
+        a, _ = activation(rng.fold(s, 0), h, hidden, hp.act_probs, sine_terms, sine_table)
         w = _weights(rng.fold(s, 1), width, hidden, n_out, hp.block_dropout, hp.init_std,
                      hp.dropout_prob)  # fmt: skip
         noise_std = jnp.where(
@@ -144,12 +152,15 @@ def mlp_scm(
         )
         noise = rng.normal(rng.fold(s, 4), (rows, width)) * jnp.where(cols < n_out, noise_std, 0.0)
         h = a @ w + _bias(rng.fold(s, 2), width, hidden, n_out) + noise
-        X = jnp.where(x_block == b, h[:, x_unit], X)
-        y = jnp.where(y_block == b, h[:, y_unit], y)
-        return h, X, y
+        # Features are gathered as rows of h^T (column gathers are slow on XLA:CPU).
+        h_t = h.T
+        X_t = jnp.where((x_block == b)[:, None], h_t[x_unit], X_t)
+        y = jnp.where(y_block == b, h_t[y_unit], y)
+        return h, X_t, y
 
-    init = (h, jnp.zeros((rows, n_slots), jnp.float32), jnp.zeros((rows,), jnp.float32))
-    h, X, y = jax.lax.fori_loop(1, n_blocks + 1, block, init)
+    init = (h, jnp.zeros((n_slots, rows), jnp.float32), jnp.zeros((rows,), jnp.float32))
+    h, X_t, y = jax.lax.fori_loop(1, n_blocks + 1, block, init)
+    X = X_t.T
 
     if width >= n_slots:
         x_causes = causes[:, :n_slots]

@@ -35,6 +35,7 @@ from mllm_jax.prior.trees import tree_scm
 
 _SAMPLING_NAMES = np.array(["normal", "mixed", "uniform"])
 _TREE = "tree"
+_HPARAM_BLOCK = 64  # tasks per call of the hyperparameter program
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -51,8 +52,12 @@ def _hparams_and_streams(seed: jax.Array, indices: jax.Array, config: PriorConfi
     return jax.vmap(one)(indices)
 
 
-def _generate_one(stream, hp: HParams, skip, *, kind: str, width: int, config: PriorConfig):
-    """The first valid of ``config.attempts`` draws of one task (nothing when skip)."""
+def _generate_one(stream, hp: HParams, budget, *, kind: str, width: int, config: PriorConfig):
+    """The first valid of ``budget`` (i32, 0 for a padding slot) draws of one task.
+
+    The budget is an argument rather than ``config.attempts`` so that one compiled
+    program serves every J.
+    """
     c = config
 
     def attempt(j):
@@ -66,6 +71,7 @@ def _generate_one(stream, hp: HParams, skip, *, kind: str, width: int, config: P
             X, y, ok = mlp_scm(
                 rng.fold(s, 0), hp, width=width, n_slots=c.max_features, rows=c.rows,
                 sine_terms=c.sine_terms,
+                sine_table=c.sine_table,
             )  # fmt: skip
         return to_classification(
             rng.fold(s, 1), X, y, ok, hp, cat_prob=c.cat_prob, max_classes=c.max_classes
@@ -82,7 +88,7 @@ def _generate_one(stream, hp: HParams, skip, *, kind: str, width: int, config: P
 
     def more(state):
         j, out = state
-        return (j < c.attempts) & ~out.valid & ~skip
+        return (j < budget) & ~out.valid
 
     def step(state):
         j, _ = state
@@ -94,13 +100,21 @@ def _generate_one(stream, hp: HParams, skip, *, kind: str, width: int, config: P
     return out, j
 
 
-@functools.lru_cache(maxsize=64)
 def _chunk_program(kind: str, width: int, config: PriorConfig, devices: tuple):
+    """(compiled chunk program, input sharding); configs that differ only in the
+    attempts or the width buckets share one program."""
+    return _compiled_chunk_program(
+        kind, width, config.replace(attempts=1, widths=(config.max_hidden,)), devices
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_chunk_program(kind: str, width: int, config: PriorConfig, devices: tuple):
     mesh = Mesh(np.array(devices), ("d",))
     one = functools.partial(_generate_one, kind=kind, width=width, config=config)
 
-    def per_device(streams, hp, skip):
-        return jax.lax.map(lambda a: one(*a), (streams, hp, skip))
+    def per_device(streams, hp, budget):
+        return jax.lax.map(lambda a: one(*a), (streams, hp, budget))
 
     program = jax.jit(
         jax.shard_map(per_device, mesh=mesh, in_specs=P("d"), out_specs=P("d"), check_vma=False)
@@ -117,6 +131,69 @@ def _kind_of(family: np.ndarray, width: np.ndarray, config: PriorConfig) -> list
     ]
 
 
+def _hparams_settings(config: PriorConfig) -> PriorConfig:
+    """``config`` with the fields hyperparameter sampling does not read set to defaults,
+    so configs that differ only there share one compiled hyperparameter program."""
+    return config.replace(
+        cat_prob=0.0,
+        attempts=1,
+        sine_terms=1,
+        sine_table=0,
+        tree_candidates=1,
+        chunk_size=1,
+        widths=(config.max_hidden,),
+    )
+
+
+def _plan(seed: int, start: int, count: int, config: PriorConfig):
+    """Hyperparameters (name -> array[count]), streams u32[count, 2] and kinds of tasks
+    ``start .. start + count - 1``, computed in fixed blocks so any count reuses one
+    compiled program."""
+    padded = max(1, -(-count // _HPARAM_BLOCK)) * _HPARAM_BLOCK
+    indices = (start + np.arange(padded, dtype=np.int64)).astype(np.uint32)  # pad may wrap
+    settings = _hparams_settings(config)
+    blocks = [
+        _hparams_and_streams(np.uint32(seed), indices[lo : lo + _HPARAM_BLOCK], settings)
+        for lo in range(0, padded, _HPARAM_BLOCK)
+    ]
+    hp = {
+        name: np.concatenate([np.asarray(getattr(h, name)) for h, _ in blocks])[:count]
+        for name in HParams._fields
+    }
+    streams = np.concatenate([np.asarray(s) for _, s in blocks])[:count]
+    return hp, streams, _kind_of(hp["family"], hp["width"], config)
+
+
+def compile_programs(
+    seed: int,
+    start: int,
+    count: int,
+    config: PriorConfig | None = None,
+    *,
+    devices: Sequence | None = None,
+) -> list[tuple[str, int]]:
+    """Compiles (and caches) every program the given index range needs; returns the kinds.
+
+    Generation compiles on first use anyway; this lets callers time compilation apart
+    from steady-state generation.
+    """
+    config = config or PriorConfig()
+    devs = _devices(devices)
+    hp, streams, kinds = _plan(seed, start, count, config)
+    per_call = config.chunk_size * len(devs)
+    needed = sorted(set(kinds))
+    for kind in needed:
+        program, sharding = _chunk_program(kind[0], kind[1], config, devs)
+        take = np.zeros(per_call, np.int64)
+        args = (
+            streams[take],
+            HParams(**{n: v[take] for n, v in hp.items()}),
+            np.zeros(per_call, np.int32),
+        )
+        jax.block_until_ready(program(*jax.device_put(args, sharding)))
+    return needed
+
+
 @dataclass
 class _Pending:
     """Dispatched (not yet fetched) work of one batch."""
@@ -129,11 +206,7 @@ class _Pending:
 
 
 def _dispatch(seed: int, start: int, count: int, config: PriorConfig, devices: tuple) -> _Pending:
-    indices = np.arange(start, start + count, dtype=np.uint32)
-    hp_dev, streams_dev = _hparams_and_streams(np.uint32(seed), indices, config)
-    hp = {name: np.asarray(v) for name, v in hp_dev._asdict().items()}
-    streams = np.asarray(streams_dev)
-    kinds = _kind_of(hp["family"], hp["width"], config)
+    hp, streams, kinds = _plan(seed, start, count, config)
     per_call = config.chunk_size * len(devices)
     parts = []
     for kind in sorted(set(kinds)):
@@ -142,8 +215,9 @@ def _dispatch(seed: int, start: int, count: int, config: PriorConfig, devices: t
         for lo in range(0, len(positions), per_call):
             pos = positions[lo : lo + per_call]
             take = np.concatenate([pos, np.full(per_call - len(pos), pos[0])])
-            skip = np.arange(per_call) >= len(pos)
-            args = (streams[take], HParams(**{n: v[take] for n, v in hp.items()}), skip)
+            budget = np.where(np.arange(per_call) < len(pos), config.attempts, 0)
+            hp_take = HParams(**{n: v[take] for n, v in hp.items()})
+            args = (streams[take], hp_take, budget.astype(np.int32))
             args = jax.device_put(args, sharding)
             parts.append((pos, program(*args)))
     return _Pending(seed, start, count, hp, parts)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mllm_jax.prior import rng
 from mllm_jax.prior.causes import sample_causes
@@ -51,6 +50,7 @@ def _grow(stream: rng.Stream, z: jax.Array, n_in: jax.Array, A: jax.Array, depth
         A: f32[rows, outputs + 1] gradients with a column of ones (hessians) appended.
     """
     rows = z.shape[0]
+    z_t = z.T
     node = jnp.zeros((rows,), jnp.int32)
     for level in range(MAX_DEPTH):
         n_nodes = 2**level
@@ -59,7 +59,9 @@ def _grow(stream: rng.Stream, z: jax.Array, n_in: jax.Array, A: jax.Array, depth
             s = rng.fold(stream, level)
             feat = rng.randint(rng.fold(s, 0), 0, n_in, (candidates,))
             row = rng.randint(rng.fold(s, 1), 0, rows, (candidates,))
-            left = z[:, feat] < z[row, feat][None, :]  # [rows, candidates]
+            # Row gathers of the transposed input (column gathers are slow on XLA:CPU).
+            cols = z_t[feat]  # [candidates, rows]
+            left = (cols < jnp.take_along_axis(cols, row[:, None], axis=1)).T  # [rows, cand]
             member = (node[:, None] == jnp.arange(n_nodes)[None, :]).astype(jnp.float32)
             by_node = (member[:, :, None] * A[:, None, :]).reshape(rows, -1)
             GL = (left.astype(jnp.float32).T @ by_node).reshape(candidates, n_nodes, -1)
@@ -78,21 +80,27 @@ def _grow(stream: rng.Stream, z: jax.Array, n_in: jax.Array, A: jax.Array, depth
 
 
 def tree_layer(
-    stream: rng.Stream, z: jax.Array, n_in: jax.Array, n_out: jax.Array, candidates: int
+    stream: rng.Stream,
+    z: jax.Array,
+    n_in: jax.Array,
+    n_out: jax.Array,
+    candidates: int,
+    width: int = MAX_HIDDEN,
 ) -> jax.Array:
     """One boosted multi-output tree layer fit to random targets and evaluated on z.
 
     Args:
         z: f32[rows, features] input, first n_in columns real.
-        n_out: i32 outputs (<= MAX_HIDDEN).
+        n_out: i32 outputs (<= width).
+        width: static padded number of outputs.
 
     Returns:
-        f32[rows, MAX_HIDDEN] predictions, zero beyond n_out.
+        f32[rows, width] predictions, zero beyond n_out.
     """
     rows = z.shape[0]
-    out_mask = jnp.arange(MAX_HIDDEN) < n_out
+    out_mask = jnp.arange(width) < n_out
     depth, rounds = _depth_and_rounds(rng.fold(stream, 0))
-    target = jnp.where(out_mask, rng.normal(rng.fold(stream, 1), (rows, MAX_HIDDEN)), 0.0)
+    target = jnp.where(out_mask, rng.normal(rng.fold(stream, 1), (rows, width)), 0.0)
     pred = jnp.broadcast_to(target.mean(axis=0), target.shape)
     ones = jnp.ones((rows, 1), jnp.float32)
 
@@ -107,14 +115,14 @@ def tree_layer(
     return jax.lax.fori_loop(0, rounds, boost, pred)
 
 
-def _noise(stream: rng.Stream, hp: HParams, rows: int, n_out: jax.Array) -> jax.Array:
+def _noise(stream: rng.Stream, hp: HParams, rows: int, n_out, width: int) -> jax.Array:
     std = jnp.where(
         hp.pre_noise_std,
-        jnp.abs(rng.normal(rng.fold(stream, 0), (MAX_HIDDEN,)) * hp.noise_std),
+        jnp.abs(rng.normal(rng.fold(stream, 0), (width,)) * hp.noise_std),
         hp.noise_std,
     )
-    std = jnp.where(jnp.arange(MAX_HIDDEN) < n_out, std, 0.0)
-    return rng.normal(rng.fold(stream, 1), (rows, MAX_HIDDEN)) * std
+    std = jnp.where(jnp.arange(width) < n_out, std, 0.0)
+    return rng.normal(rng.fold(stream, 1), (rows, width)) * std
 
 
 def tree_scm(
@@ -134,10 +142,9 @@ def tree_scm(
 
     def second(h):
         out = tree_layer(rng.fold(stream, 11), h, hidden, hidden, candidates)
-        return out + _noise(rng.fold(stream, 21), hp, rows, hidden)
+        return out + _noise(rng.fold(stream, 21), hp, rows, hidden, MAX_HIDDEN)
 
     h = jax.lax.cond(n_layers == 2, second, lambda h: h, h)
-    one = np.int32(1)
-    y = tree_layer(rng.fold(stream, 12), h, hidden, one, candidates)
-    y = y + _noise(rng.fold(stream, 22), hp, rows, one)
+    y = tree_layer(rng.fold(stream, 12), h, hidden, 1, candidates, width=1)
+    y = y + _noise(rng.fold(stream, 22), hp, rows, 1, 1)
     return causes, y[:, 0], jnp.bool_(True)

@@ -14,6 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from mllm_jax.model.remat import REMAT_NAMES
+
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 
 
@@ -63,7 +65,8 @@ class Qwen2Config:
     inputs; RMSNorm statistics, RoPE and softmax always run in float32),
     `attention_backend` ("xla" | "cudnn" | "splash"), `attention_query_chunk` (queries
     per block in the dense backends, so long prompts never build a full [T, S] score
-    matrix), `remat` (rematerialise each decoder layer in the backward pass).
+    matrix), `remat` (per-layer rematerialisation in the backward pass: a policy name of
+    `mllm_jax.model.remat`, or True / False for "full" / "none").
     """
 
     vocab_size: int
@@ -87,7 +90,7 @@ class Qwen2Config:
     compute_dtype: str = "float32"
     attention_backend: str = "xla"
     attention_query_chunk: int = 512
-    remat: bool = False
+    remat: bool | str = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -113,6 +116,8 @@ class Qwen2Config:
             raise ConfigError(
                 f"attention_query_chunk must be >= 1, got {self.attention_query_chunk}"
             )
+        if not isinstance(self.remat, bool) and self.remat not in REMAT_NAMES:
+            raise ConfigError(f"remat {self.remat!r} is not one of {REMAT_NAMES} (or a bool)")
         if isinstance(self.eos_token_id, list):
             set_(self, "eos_token_id", tuple(self.eos_token_id))
         set_(self, "param_dtype", _dtype_name(self.param_dtype))

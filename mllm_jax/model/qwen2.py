@@ -23,6 +23,7 @@ from mllm_jax.model.cache import KVCache, write_layer
 from mllm_jax.model.config import Qwen2Config
 from mllm_jax.model.layers import Embedding, RMSNorm
 from mllm_jax.model.linear import Linear
+from mllm_jax.model.remat import remat_layer
 from mllm_jax.model.rope import apply_rope, rope_frequencies, rope_tables
 
 
@@ -232,7 +233,7 @@ class Qwen2ForCausalLM(nnx.Module):
         *,
         prefix: KVCache | None = None,
         return_hidden: bool = False,
-        remat: bool | None = None,
+        remat: bool | str | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Forward pass.
 
@@ -241,6 +242,9 @@ class Qwen2ForCausalLM(nnx.Module):
         within their segment; default all 1. cache: KVCache to append to (returns
         (out, new cache)). prefix: a read-only KVCache (batch 1 or B) that every row also
         attends to, without being copied (see `mllm_jax.model.prefix`).
+        remat: per-layer rematerialisation policy name (`mllm_jax.model.remat`: "none",
+        "full", "dots_saveable", ...; True / False = "full" / "none"); default
+        `config.remat`.
         Returns f32[B, T, vocab] logits, or with return_hidden the final-normed hidden
         states [B, T, embed] in the compute dtype (apply `logits` to a gathered subset).
         """
@@ -285,7 +289,7 @@ class Qwen2ForCausalLM(nnx.Module):
             prefix_segment_ids=None if prefix is None else prefix.segment_ids,
             segments_given=segments_given,
         )
-        run = nnx.remat(_run_layer) if (cfg.remat if remat is None else remat) else _run_layer
+        run = remat_layer(_run_layer, cfg.remat if remat is None else remat)
         h = self.embed_tokens(input_ids)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):

@@ -24,7 +24,8 @@ from typing import Any, Literal
 from mllm_jax.config import to_dict
 from mllm_jax.model.lora import LoRAConfig
 
-RematPolicy = Literal["none", "full"]
+# Per-layer remat policy names (mllm_jax.model.remat).
+RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 
 
 @dataclass(frozen=True)
@@ -210,8 +211,10 @@ class TrainConfig:
             head runs on exactly this many gathered positions per row. A row with more
             answer tokens is an error (never silently truncated).
         grad_accum: micro-batches (iterator batches) per optimizer step.
-        remat: "full" rematerialises every decoder layer in the backward pass; "none"
-            keeps activations.
+        remat: per-layer rematerialisation: "full" recomputes each decoder layer in the
+            backward pass, "none" keeps every activation, "dots_saveable" keeps the matmul
+            outputs, "dots_with_no_batch_dims_saveable" the projections' outputs only
+            (`mllm_jax.model.remat`).
         rules: logical axis -> mesh axes overrides of `ShardingRules.default()`.
         lora: adapter rank, alpha, dropout and target patterns (mode "lora").
         seed: PRNG seed of the adapter init, the step keys (dropout), everything not data.

@@ -399,7 +399,7 @@ class _Run:
             self.opt_shardings,
             self.mesh,
             budget=config.max_answer_tokens,
-            remat=config.remat == "full",
+            remat=config.remat,
         )
         self.log = MetricsLog(self.run_dir / METRICS_FILE, resume_step=self.done)
         self.history: list[dict[str, Any]] = []

@@ -34,7 +34,7 @@ def _answer_sums(
     micro: Batch,
     *,
     budget: int,
-    remat: bool,
+    remat: bool | str,
 ) -> tuple[AnswerSums, nnx.State]:
     """Forward of one micro-batch (each array [batch, seq]) -> (answer-token sums, the rng
     state after the call)."""
@@ -69,7 +69,7 @@ def make_train_step(
     mesh: Mesh,
     *,
     budget: int,
-    remat: bool,
+    remat: bool | str,
 ) -> Callable[..., tuple[nnx.State, optax.OptState, nnx.State, dict[str, jax.Array]]]:
     """`step(trainable, opt_state, rngs, frozen, batch, lr)
     -> (trainable, opt_state, rngs, metrics)`.
@@ -78,7 +78,8 @@ def make_train_step(
     `-lr * direction`, lr: f32[] (so one compiled step serves every stage's schedule).
     batch: dict of [grad_accum, batch, seq] arrays. metrics: f32 scalars `loss` (mean
     over answer tokens), `accuracy`, `answer_tokens`, `grad_norm` (before clipping).
-    trainable, opt_state and rngs are donated.
+    trainable, opt_state and rngs are donated. remat: per-layer policy name or bool
+    (`mllm_jax.model.remat`).
     """
     graphdef = split.graphdef
 

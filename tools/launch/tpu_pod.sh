@@ -2,7 +2,7 @@
 # Train on a Cloud TPU VM slice (one or many hosts) with the same command on every worker.
 #
 #   tools/launch/tpu_pod.sh --name mllm --zone us-east5-a --type v5p-32 \
-#       --config configs/train_qwen2.5-7b_lora.yaml \
+#       --config configs/qwen2.5-7b-lora.yaml \
 #       --sync gs://my-bucket/mllm --set model.base=/home/$USER/mllm_data/Qwen2.5-7B-Instruct \
 #       --set checkpoint.directory=gs://my-bucket/runs/7b/checkpoints all
 #

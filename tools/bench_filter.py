@@ -11,7 +11,7 @@ Tasks come from our prior (``mllm_jax.prior``) when it is installed, else from t
 reference prior (tabicl 0.1.4, i.i.d. draws); ``--source`` picks one and ``--cache``
 keeps them in an .npz so repeated runs filter the same tasks.
 
-    .venv/bin/python tools/bench_filter.py pool --tasks 96 --repeats 3
+    .venv/bin/python tools/bench_filter.py pool              # 48 tasks, 3 repeats
 """
 
 from __future__ import annotations
@@ -269,7 +269,9 @@ def bench_pool(args: argparse.Namespace) -> None:
     time, so ``projected_scaling_efficiency`` = runnable_fraction x cpu_scaling_efficiency
     estimates the efficiency on an idle machine. It is an estimate, not a measurement.
     """
+    started = time.perf_counter()
     tasks, source = load_tasks(args)
+    task_seconds = time.perf_counter() - started
     n = len(tasks)
     config = FilterConfig(consensus=args.consensus)
     workers = args.workers
@@ -354,6 +356,7 @@ def bench_pool(args: argparse.Namespace) -> None:
             },
             "decision_agreement_with_reference": agreement,
             "repeats": args.repeats,
+            "task_generation_seconds": round(task_seconds, 1),
             **_settings(args, source, config),
         }
     )
@@ -595,7 +598,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     for name in commands:
         p = sub.add_parser(name)
-        p.add_argument("--tasks", type=int, default=96)
+        # pool: 3 repeats of pool + one process + reference in <= 3 minutes on 2 cores
+        p.add_argument("--tasks", type=int, default=48 if name == "pool" else 96)
         p.add_argument("--workers", type=int, default=default_workers())
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--source", choices=("auto", "prior", "tabicl"), default="auto")

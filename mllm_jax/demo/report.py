@@ -87,6 +87,12 @@ def eval_frames(out: Path) -> dict[str, tuple[pd.DataFrame, list[dict]]]:
     return frames
 
 
+def skipped_tables(out: Path, group: str) -> list[dict[str, str]]:
+    """Tables the harness could not evaluate (e.g. a class too rare to split), with why."""
+    path = out / "eval" / group / "run.json"
+    return json.loads(path.read_text()).get("skipped", []) if path.exists() else []
+
+
 def accuracy_table(frame: pd.DataFrame) -> dict[str, dict[int, float]]:
     """method -> shots -> accuracy averaged over seeds and the shared tables."""
     average = dataset_average(frame, "accuracy")
@@ -292,6 +298,9 @@ def summary_markdown(metrics: Mapping[str, Any]) -> str:
             lines += ["", f"{len(g['errors'])} entries failed:"]
             lines += [f"- {e['dataset']} shots={e['shots']} {e['method']}: {e['error']}"
                       for e in g["errors"]]  # fmt: skip
+        if g.get("skipped"):
+            lines += ["", "Not evaluated:"]
+            lines += [f"- {t['dataset']}: {t['reason']}" for t in g["skipped"]]
         lines.append("")
     lines += ["![accuracy vs shots](accuracy.png)", "", "## Verdict", ""]
     for group, g in metrics["eval"].items():
@@ -340,6 +349,7 @@ def write_report(
             "accuracy": tables[group],
             "per_table": per_table(frame),
             "errors": [_error_fields(e) for e in errors],
+            "skipped": skipped_tables(out, group),
             "verdict": verdict(tables[group]),
         }
     metrics = {

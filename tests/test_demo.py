@@ -1,0 +1,172 @@
+"""`mllm-jax demo` end to end on a demo config shrunk to well under a minute of CPU: every
+artifact exists and is well-formed, and the exported model loads in transformers with our
+logits. (Ctrl-C and rerun: tests/test_demo_interrupt.py, marked slow.)
+
+The demo runs as a user runs it, in a child process with one CPU device (not the test
+session's 8 simulated devices), into a fresh run directory.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mllm_jax.demo.config import DemoConfig, load_demo_config
+
+
+def _sampling(**extra):
+    return {"min_shots": 8, "max_shots": 32, "max_queries": 4, "token_budget": 1024, **extra}
+
+
+def shrunk_config(steps: tuple[int, int], *, count: int, heldout: int, eval_: dict) -> dict:
+    """demo.yaml with small corpora and tables, a few steps, smaller evaluation."""
+
+    def stage(name, n, lr, seed, **extra):
+        data = {
+            "kind": "shards",
+            "shards": [f"data/{name}/*.array_record"],
+            "seed": seed,
+            "pipeline": {"sampling": _sampling(**extra), "seq_len": 1024, "batch_size": 2},
+        }
+        return {"name": name, "steps": n, "learning_rate": lr, "data": data}
+
+    return {
+        "generate": {
+            "batch_size": 16,
+            "prior": {"rows": 128},
+            "filter": {"n_estimators": 10},
+            "corpora": [
+                {"name": "warmup", "start": 0, "count": count, "consensus": True},
+                {"name": "full", "start": count, "count": count},
+                {"name": "heldout", "start": 1000000, "count": heldout},
+            ],
+        },
+        "train": {
+            "stages": [
+                stage("warmup", steps[0], 1e-2, 1, consensus_only=True),
+                stage("full", steps[1], 5e-3, 2),
+            ],
+            "validation": {"every": 2, "batches": 1},
+            "checkpoint": {"every": 2, "keep": 2},
+            "logging": {"every": 1},
+        },
+        "eval": {"heldout_tables": 1, "max_test": 16, **eval_},
+    }
+
+
+FAST = shrunk_config(
+    (2, 2), count=16, heldout=12, eval_={"shots": [8], "methods": ["majority"], "max_test": 10}
+)
+
+
+def write_config(directory: Path, config: dict) -> Path:
+    path = directory / "shrunk.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_demo(out: Path, config: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", COLUMNS="120", NO_COLOR="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "mllm_jax.cli", "demo", "--out", str(out), "--config",
+         str(config), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )  # fmt: skip
+
+
+def check_artifacts(out: Path, config: dict) -> dict:
+    """Asserts every file of a finished demo run directory is there and well-formed;
+    returns the report's metrics."""
+    steps = sum(s["steps"] for s in config["train"]["stages"])
+    shots = {str(s) for s in config["eval"]["shots"]}
+    methods = {"mllm", *config["eval"]["methods"]}
+
+    stages = json.loads((out / "stages.json").read_text())
+    assert list(stages) == ["generate", "train", "export", "eval", "report"]
+    for record in stages.values():
+        assert record["seconds"] > 0 and record["cpu_seconds"] >= 0
+    assert load_demo_config(out / "demo.yaml") == load_demo_config(write_config(out, config))
+
+    for corpus in config["generate"]["corpora"]:
+        directory = out / "data" / corpus["name"]
+        report = json.loads((directory / "report.json").read_text())
+        assert 0 < report["accepted"] <= report["tasks_seen"] == corpus["count"]
+        assert sorted(p.name for p in directory.glob("*.array_record")) == report["shards"]
+    assert not list((out / "data").glob(".*")), "a staging directory was left behind"
+
+    for name in ("config.json", "model.safetensors"):
+        assert (out / "model" / name).stat().st_size > 0
+
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    train = metrics["train"]
+    assert train["steps"] == steps and train["mode"] == "full"
+    assert np.isfinite([train["first_loss"], train["final_loss"]]).all()
+    assert 0 < train["final_loss"] < 20  # ln(151936) = 11.9 at random init
+    assert set(metrics["eval"]) == {"real", "synthetic"}
+    assert set(metrics["eval"]["real"]["tables"]) == {
+        "cmc", "eucalyptus", "golf_play_dataset_extended"
+    }  # fmt: skip
+    assert len(metrics["eval"]["synthetic"]["tables"]) == config["eval"]["heldout_tables"]
+    for group in metrics["eval"].values():
+        assert group["errors"] == []
+        assert set(group["accuracy"]) == methods
+        for by_shots in group["accuracy"].values():
+            assert set(by_shots) == shots
+            assert all(0.0 <= acc <= 1.0 for acc in by_shots.values())
+        assert 0.0 <= group["verdict"]["model_mean_accuracy"] <= 1.0
+    assert metrics["total_seconds"] == pytest.approx(sum(r["seconds"] for r in stages.values()))
+    summary = (out / "report" / "summary.md").read_text()
+    assert "## Accuracy" in summary and "majority" in summary and "honest" in summary
+    for plot in ("loss.png", "accuracy.png"):
+        assert (out / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    out = root / "run"
+    demo = start_demo(out, write_config(root, FAST))
+    output, _ = demo.communicate(timeout=900)
+    assert demo.returncode == 0, output
+    return out, output
+
+
+def test_fast_config_is_the_demo_with_fewer_of_everything(tmp_path):
+    config = load_demo_config(write_config(tmp_path, FAST))
+    assert config.train.model == DemoConfig().train.model  # the same tiny Qwen2
+    assert config.train.mode == "full" and config.train.total_steps == 4
+
+
+def test_every_artifact_is_well_formed(demo_run):
+    out, output = demo_run
+    check_artifacts(out, FAST)
+    for stage in ("generate", "train", "export", "eval", "report"):
+        assert f"{stage} " in output and "budget" in output  # each stage's timing line
+    assert "total" in output and "summary.md" in output
+
+
+def test_export_loads_in_transformers_and_agrees_with_ours(demo_run):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from mllm_jax.model import load_hf
+
+    model_dir = demo_run[0] / "model"
+    theirs = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    assert theirs.config.vocab_size == 151936 and theirs.config.num_hidden_layers == 2
+    ids = np.array([[151644, 8948, 198, 16, 11, 17, 91, 15, 151645]], np.int64)
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(ids)).logits.numpy()
+    got = np.asarray(load_hf(model_dir)(ids.astype(np.int32)), np.float32)
+    assert np.isfinite(expected).all()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)

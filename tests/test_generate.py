@@ -22,7 +22,7 @@ from mllm_jax.prior.batch import TaskBatch
 ROWS, FEATURES, N_TRAIN = 60, 4, 40
 
 
-def fake_batches(seed, start, count, prior, batch_size):
+def fake_batches(seed, start, count, prior, batch_size, *, devices=None):
     """Task i: learnable labels (x0 > 0) when i is even, coin flips when odd; every index
     equal to 3 mod 7 is invalid. A pure function of (seed, i), like the prior."""
     for lo in range(start, start + count, batch_size):

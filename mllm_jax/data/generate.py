@@ -187,7 +187,15 @@ def generate(
     exception or Ctrl-C removes this run's shards again.
     """
     if batches is None:
-        from mllm_jax.prior import iter_task_batches as batches
+        import functools
+
+        import jax
+
+        from mllm_jax.prior import iter_task_batches
+
+        # This host's devices only: under jax.distributed, jax.devices() lists every
+        # host's, and the prior's tasks do not depend on the devices.
+        batches = functools.partial(iter_task_batches, devices=jax.local_devices())
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

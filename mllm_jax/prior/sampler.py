@@ -16,7 +16,9 @@ in a chunk, or the number of devices (``shard_map`` over fixed per-device chunks
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -182,15 +184,20 @@ def compile_programs(
     hp, streams, kinds = _plan(seed, start, count, config)
     per_call = config.chunk_size * len(devs)
     needed = sorted(set(kinds))
-    for kind in needed:
+
+    def compile_one(kind: tuple[str, int]) -> None:
         program, sharding = _chunk_program(kind[0], kind[1], config, devs)
         take = np.zeros(per_call, np.int64)
         args = (
             streams[take],
             HParams(**{n: v[take] for n, v in hp.items()}),
-            np.zeros(per_call, np.int32),
+            np.zeros(per_call, np.int32),  # no attempts: compiles, computes nothing
         )
         jax.block_until_ready(program(*jax.device_put(args, sharding)))
+
+    # XLA compiles on one core; independent programs compile side by side.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(needed), os.cpu_count() or 1))) as pool:
+        list(pool.map(compile_one, needed))
     return needed
 
 

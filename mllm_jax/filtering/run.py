@@ -6,30 +6,15 @@ This is what ``mllm-jax generate --filter`` calls between the prior and the shar
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from mllm_jax.data.shards import write_json_atomic
 from mllm_jax.data.tasks import Task
 from mllm_jax.filtering.config import FilterConfig
 from mllm_jax.filtering.pool import FilterPool
 from mllm_jax.filtering.report import FilterReport
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON to a temporary file beside ``path``, then renames it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def filter_into(

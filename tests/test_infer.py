@@ -288,6 +288,20 @@ def test_generate_mode(fitted):
     np.testing.assert_array_equal(gen.predict(test), gen.classes_[np.argmax(proba, axis=1)])
 
 
+def test_raw_prompt_format(fitted):
+    """The reference's raw prompt (system + "\\n" + user, no chat template) scores and
+    generates like the chat prompt does, with different probabilities."""
+    clf, shots, y = fitted
+    test = table(4, 20, text=True)
+    raw = clone(clf).set_params(prompt_format="raw").fit(shots, y)
+    proba = raw.predict_proba(test)
+    assert np.isfinite(proba).all()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-12)
+    assert np.abs(proba - clf.predict_proba(test)).max() > 1e-3
+    gen = clone(raw).set_params(mode="generate", max_new_tokens=8).fit(shots, y)
+    np.testing.assert_allclose(gen.predict_proba(test).sum(axis=1), 1.0, atol=1e-12)
+
+
 # --------------------------------------------------------------------- bad input
 
 
@@ -357,6 +371,12 @@ def test_prompt_over_the_context_limit(ckpt, fitted):
     ):
         clf.predict_proba(X.iloc[:2])
     assert load_model(ckpt, yarn_factor=4, use_cache=False).context_limit == 8192
+    # With YaRN (factor 4: 8,192 positions) the same prompt is scored.
+    yarn = clone(clf).set_params(yarn_factor=4).fit(X, y)
+    details = yarn.predict_details(X.iloc[:2])
+    assert details.prompt_tokens > 2048
+    assert np.isfinite(details.proba).all()
+    np.testing.assert_allclose(details.proba.sum(axis=1), 1.0, atol=1e-12)
 
 
 def test_bad_model_and_options(tmp_path, fitted):

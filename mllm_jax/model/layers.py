@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mllm_jax.model.sharding import ActivationSharding, constrain
+
 LOGICAL_AXES = "logical_axes"
 AXIS_UNITS = "axis_units"
 
@@ -63,9 +65,14 @@ class Embedding(nnx.Module):
             init(rngs.params(), (vocab_size, dim), param_dtype), ("vocab", "embed")
         )
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        """ids: i32[batch, seq] -> [batch, seq, embed] in the compute dtype."""
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.compute_dtype)
+    def __call__(self, ids: jax.Array, sharding: ActivationSharding | None = None) -> jax.Array:
+        """ids: i32[batch, seq] -> [batch, seq, embed] in the compute dtype.
+
+        With a `sharding`, the table's embed dim is gathered first (as FSDP does for every
+        weight) so the rows come out sharded like the ids (batch), not over embed.
+        """
+        table = constrain(self.embedding[...], sharding, ("vocab", None))
+        return jnp.take(table, ids, axis=0).astype(self.compute_dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied LM head: x: [..., embed] -> f32[..., vocab] = x @ embedding^T."""

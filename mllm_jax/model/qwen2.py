@@ -25,6 +25,7 @@ from mllm_jax.model.layers import Embedding, RMSNorm
 from mllm_jax.model.linear import Linear
 from mllm_jax.model.remat import remat_layer
 from mllm_jax.model.rope import apply_rope, rope_frequencies, rope_tables
+from mllm_jax.model.sharding import ActivationSharding, constrain
 
 
 @jax.tree_util.register_dataclass
@@ -42,6 +43,9 @@ class _Context:
     prefix_positions: jax.Array | None  # i32[1 or B, P] of a shared read-only prefix
     prefix_segment_ids: jax.Array | None
     segments_given: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    sharding: ActivationSharding | None = dataclasses.field(
+        default=None, metadata=dict(static=True)
+    )
 
 
 class Attention(nnx.Module):
@@ -79,9 +83,13 @@ class Attention(nnx.Module):
         cfg = self.config
         b, t, _ = x.shape
         d = cfg.head_dim
-        q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, d)
-        k = self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, d)
-        v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, d)
+        heads, kv_heads = ("batch", None, "heads"), ("batch", None, "kv_heads")
+        q = constrain(self.q_proj(x), ctx.sharding, heads, (1, 1, d))
+        k = constrain(self.k_proj(x), ctx.sharding, kv_heads, (1, 1, d))
+        v = constrain(self.v_proj(x), ctx.sharding, kv_heads, (1, 1, d))
+        q = q.reshape(b, t, cfg.num_attention_heads, d)
+        k = k.reshape(b, t, cfg.num_key_value_heads, d)
+        v = v.reshape(b, t, cfg.num_key_value_heads, d)
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
         if kv is not None:
@@ -117,7 +125,8 @@ class Attention(nnx.Module):
                 **common,
             )
             out = merge_attention(out, lse, out_p, lse_p)
-        return self.o_proj(out.reshape(b, t, cfg.num_attention_heads * d)), kv
+        out = constrain(out.reshape(b, t, -1), ctx.sharding, heads, (1, 1, d))
+        return self.o_proj(out), kv
 
 
 class MLP(nnx.Module):
@@ -135,8 +144,10 @@ class MLP(nnx.Module):
         self.up_proj = Linear(e, m, axes=("embed", "mlp"), **common)
         self.down_proj = Linear(m, e, axes=("mlp", "embed"), **common)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, sharding: ActivationSharding | None = None) -> jax.Array:
+        """x: [B, T, embed] -> [B, T, embed]; `sharding` pins the [B, T, mlp] product."""
+        inner = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(inner, sharding, ("batch", None, "mlp")))
 
 
 class DecoderLayer(nnx.Module):
@@ -154,7 +165,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, h, ctx, kv, prefix_kv):
         attn_out, kv = self.self_attn(self.input_layernorm(h), ctx, kv, prefix_kv)
         h = h + attn_out
-        h = h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.mlp(self.post_attention_layernorm(h), ctx.sharding)
         return h, kv
 
 
@@ -234,6 +245,7 @@ class Qwen2ForCausalLM(nnx.Module):
         prefix: KVCache | None = None,
         return_hidden: bool = False,
         remat: bool | str | None = None,
+        activation_sharding: ActivationSharding | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Forward pass.
 
@@ -244,7 +256,8 @@ class Qwen2ForCausalLM(nnx.Module):
         attends to, without being copied (see `mllm_jax.model.prefix`).
         remat: per-layer rematerialisation policy name (`mllm_jax.model.remat`: "none",
         "full", "dots_saveable", ...; True / False = "full" / "none"); default
-        `config.remat`.
+        `config.remat`. activation_sharding: pins activations to a mesh layout
+        (`mllm_jax.model.sharding`; default: unconstrained).
         Returns f32[B, T, vocab] logits, or with return_hidden the final-normed hidden
         states [B, T, embed] in the compute dtype (apply `logits` to a gathered subset).
         """
@@ -288,14 +301,19 @@ class Qwen2ForCausalLM(nnx.Module):
             prefix_positions=None if prefix is None else prefix.positions,
             prefix_segment_ids=None if prefix is None else prefix.segment_ids,
             segments_given=segments_given,
+            sharding=activation_sharding,
         )
         run = remat_layer(_run_layer, cfg.remat if remat is None else remat)
-        h = self.embed_tokens(input_ids)
+        residual = ("batch", None, None)
+        h = constrain(
+            self.embed_tokens(input_ids, activation_sharding), activation_sharding, residual
+        )
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             prefix_kv = None if prefix is None else (prefix.keys[i], prefix.values[i])
             h, kv = run(layer, h, ctx, kv, prefix_kv)
+            h = constrain(h, activation_sharding, residual)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])

@@ -400,6 +400,7 @@ class _Run:
             self.mesh,
             budget=config.max_answer_tokens,
             remat=config.remat,
+            rules=self.rules,
         )
         self.log = MetricsLog(self.run_dir / METRICS_FILE, resume_step=self.done)
         self.history: list[dict[str, Any]] = []

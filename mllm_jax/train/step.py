@@ -19,8 +19,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from mllm_jax.model.sharding import ActivationSharding
 from mllm_jax.train.batches import batch_sharding
 from mllm_jax.train.loss import AnswerSums, answer_loss_sums
+from mllm_jax.train.mesh import ShardingRules
 from mllm_jax.train.state import SplitModel, replicated
 
 Batch = dict[str, jax.Array]
@@ -35,6 +37,7 @@ def _answer_sums(
     *,
     budget: int,
     remat: bool | str,
+    sharding: ActivationSharding | None = None,
 ) -> tuple[AnswerSums, nnx.State]:
     """Forward of one micro-batch (each array [batch, seq]) -> (answer-token sums, the rng
     state after the call)."""
@@ -48,6 +51,7 @@ def _answer_sums(
         micro["segment_ids"],
         return_hidden=True,
         remat=remat,
+        activation_sharding=sharding,
     )
     sums = answer_loss_sums(hidden, micro["targets"], micro["loss_mask"], model.logits, budget)
     return sums, nnx.state(model, nnx.RngState)
@@ -70,6 +74,7 @@ def make_train_step(
     *,
     budget: int,
     remat: bool | str,
+    rules: ShardingRules | None = None,
 ) -> Callable[..., tuple[nnx.State, optax.OptState, nnx.State, dict[str, jax.Array]]]:
     """`step(trainable, opt_state, rngs, frozen, batch, lr)
     -> (trainable, opt_state, rngs, metrics)`.
@@ -79,13 +84,15 @@ def make_train_step(
     batch: dict of [grad_accum, batch, seq] arrays. metrics: f32 scalars `loss` (mean
     over answer tokens), `accuracy`, `answer_tokens`, `grad_norm` (before clipping).
     trainable, opt_state and rngs are donated. remat: per-layer policy name or bool
-    (`mllm_jax.model.remat`).
+    (`mllm_jax.model.remat`). rules: the parameters' sharding rules; given, the model
+    pins its activations to the matching layout on `mesh` (`mllm_jax.model.sharding`).
     """
     graphdef = split.graphdef
+    sharding = None if rules is None else ActivationSharding(mesh, rules)
 
     def loss_and_aux(trainable, rngs, frozen, micro):
         sums, rngs = _answer_sums(
-            graphdef, trainable, rngs, frozen, micro, budget=budget, remat=remat
+            graphdef, trainable, rngs, frozen, micro, budget=budget, remat=remat, sharding=sharding
         )
         return sums.loss, (sums, rngs)
 

@@ -286,6 +286,13 @@ def train_(
             )
         )
         typer.echo(train_command(config, set_ or [], stop_at))
+    except KeyboardInterrupt:
+        # Checkpoints are written to a temporary name and committed by orbax, so the newest
+        # complete one is intact; the next run resumes from it.
+        typer.echo(
+            "interrupted: rerun the same command to resume from the newest checkpoint", err=True
+        )
+        raise typer.Exit(130) from None
     except DistributedError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error

@@ -7,6 +7,8 @@ distribution match against the reference lives in tests/test_prior_distribution.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import jax
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from mllm_jax.data.tasks import Task, decode_task, encode_task
 from mllm_jax.prior import PriorConfig, PriorConfigError, TaskBatch, iter_task_batches, sample_tasks
 from mllm_jax.prior.batch import MLP_ONLY_FIELDS
+from mllm_jax.prior.sampler import compile_programs
 
 SEED = 7
 COUNT = 24
@@ -47,6 +50,14 @@ def _concat(batches: list[TaskBatch]) -> TaskBatch:
 def batch() -> TaskBatch:
     """Tasks 0..COUNT-1 of SEED on all 8 simulated devices."""
     assert len(jax.devices()) == 8
+    # Compile the 8- and 1-device programs side by side (compilation is most of the cost).
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [
+            pool.submit(compile_programs, SEED, 0, COUNT, TINY, devices=devices)
+            for devices in (None, jax.devices()[:1])
+        ]
+    for job in jobs:
+        job.result()
     return sample_tasks(SEED, 0, COUNT, TINY)
 
 

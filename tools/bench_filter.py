@@ -550,33 +550,49 @@ def bench_accept(args: argparse.Namespace) -> None:
 
 
 def bench_e2e(args: argparse.Namespace) -> None:
-    """The generator feeding the pool, against the pool alone on the same tasks."""
+    """The generator feeding the pool vs the pool alone on the same (pre-generated) tasks.
+
+    Both filter the tasks of seed ``--seed`` (decisions must be equal). CPU accounting
+    shows what the generator and the hand-off cost: ``generator_cpu_share`` = the main
+    process's CPU (prior + pulling results) / all CPU of the end-to-end run.
+    """
     from mllm_jax.prior import iter_task_batches
 
     config = FilterConfig(consensus=args.consensus)
-    batches = list(iter_task_batches(args.seed, 0, args.tasks, None, args.batch_size))
-    tasks = [t for b in batches for t in b.to_tasks()]
+
+    def batches():
+        return iter_task_batches(args.seed, 0, args.tasks, None, args.batch_size)
+
+    started = time.perf_counter()
+    tasks = [t for b in batches() for t in b.to_tasks()]  # also compiles the prior
+    first_generation = time.perf_counter() - started
     with FilterPool(config, workers=args.workers) as pool:
         pool.warm_up()
-        start = time.perf_counter()
-        _pool_results(pool, tasks)
-        filter_rate = len(tasks) / (time.perf_counter() - start)
-        start = time.perf_counter()
-        stream = iter_task_batches(args.seed + 1, 0, args.tasks, None, args.batch_size)
-        filtered = _pool_results(pool, stream, total=args.tasks)
-        e2e_rate = len(filtered) / (time.perf_counter() - start)
-    start = time.perf_counter()
-    for _ in iter_task_batches(args.seed + 2, 0, args.tasks, None, args.batch_size):
-        pass
-    generate_rate = args.tasks / (time.perf_counter() - start)
+        alone, alone_wall, alone_parent = _timed(
+            lambda: [i.result for i in _progress(pool.imap(tasks), "pool alone", len(tasks))]
+        )
+        e2e, e2e_wall, e2e_parent = _timed(
+            lambda: [i.result for i in _progress(pool.imap(batches()), "e2e", len(tasks))]
+        )
+    _, generate_wall, generate_cpu = _timed(lambda: [b.to_tasks() for b in batches()])
+    if [r.accepted for r in alone] != [r.accepted for r in e2e]:
+        raise RuntimeError("end-to-end decisions differ from the pool's on the same tasks")
+    alone_workers = sum(r.cpu_seconds for r in alone)
+    e2e_workers = sum(r.cpu_seconds for r in e2e)
+    n = len(tasks)
     _log(
         {
             "name": "generate_filter_e2e",
-            "ours": round(e2e_rate, 3),
-            "reference": round(filter_rate, 3),
+            "ours": round(n / e2e_wall, 3),
+            "reference": round(n / alone_wall, 3),
             "unit": "tasks/s",
-            "ratio": round(e2e_rate / filter_rate, 3),
-            "generate_alone": round(generate_rate, 3),
+            "ratio": round(alone_wall / e2e_wall, 3),
+            "generator_cpu_share": round(e2e_parent / (e2e_parent + e2e_workers), 4),
+            "handoff_cpu_share": round(alone_parent / (alone_parent + alone_workers), 4),
+            "generate_alone": round(n / generate_wall, 3),
+            "generate_cpu_seconds_per_task": round(generate_cpu / n, 4),
+            "filter_cpu_seconds_per_task": round(e2e_workers / n, 4),
+            "first_generation_seconds": round(first_generation, 1),
             "batch_size": args.batch_size,
             **_settings(args, "prior", config),
         }

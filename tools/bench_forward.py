@@ -42,13 +42,17 @@ CPU_CONFIG = dict(
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L4": 121.0}
 
 
-def _time_rounds(fn, rounds: int, iters: int) -> list[float]:
+def _time_rounds(fn, rounds: int, iters: int, cpu: list[float] | None = None) -> list[float]:
+    """Wall seconds per call, one entry per round; CPU seconds of this process per call
+    (all threads) are appended to `cpu` when given."""
     out = []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(iters):
             fn()
         out.append((time.perf_counter() - start) / iters)
+        if cpu is not None:
+            cpu.append((time.process_time() - start_cpu) / iters)
     return out
 
 
@@ -93,10 +97,10 @@ def bench_cpu(batch: int, seq: int, rounds: int, iters: int, threads: int) -> di
     for fn in (ours, reference):  # warm-up
         fn()
         fn()
-    ours_t, ref_t = [], []
+    ours_t, ref_t, ours_cpu, ref_cpu = [], [], [], []
     for _ in range(rounds):  # alternate, so background load affects both
-        ours_t += _time_rounds(ours, 1, iters)
-        ref_t += _time_rounds(reference, 1, iters)
+        ours_t += _time_rounds(ours, 1, iters, ours_cpu)
+        ref_t += _time_rounds(reference, 1, iters, ref_cpu)
     tokens = batch * seq
     ours_tps, ref_tps = tokens / min(ours_t), tokens / min(ref_t)
     return {
@@ -105,6 +109,12 @@ def bench_cpu(batch: int, seq: int, rounds: int, iters: int, threads: int) -> di
         "reference": round(ref_tps, 1),
         "unit": "tokens/s",
         "ratio": round(ours_tps / ref_tps, 3),
+        # Median CPU seconds per call (all threads): steadier than wall time when other
+        # jobs share the cores.
+        "ratio_cpu": round(statistics.median(ref_cpu) / statistics.median(ours_cpu), 3),
+        "ours_cpu_s": round(statistics.median(ours_cpu), 4),
+        "reference_cpu_s": round(statistics.median(ref_cpu), 4),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "ours_median": round(tokens / statistics.median(ours_t), 1),
         "reference_median": round(tokens / statistics.median(ref_t), 1),
         "max_abs_logit_diff": diff,

@@ -23,7 +23,9 @@ def _sampling(**extra):
     return {"min_shots": 8, "max_shots": 32, "max_queries": 4, "token_budget": 1024, **extra}
 
 
-def shrunk_config(steps: tuple[int, int], *, count: int, heldout: int, eval_: dict) -> dict:
+def shrunk_config(
+    steps: tuple[int, int], *, count: int, heldout: int, eval_: dict, generate: dict | None = None
+) -> dict:
     """demo.yaml with small corpora and tables, a few steps, smaller evaluation."""
 
     def stage(name, n, lr, seed, **extra):
@@ -38,8 +40,9 @@ def shrunk_config(steps: tuple[int, int], *, count: int, heldout: int, eval_: di
     return {
         "generate": {
             "batch_size": 16,
-            "prior": {"rows": 128},
+            "prior": {"rows": 128, **(generate or {}).get("prior", {})},
             "filter": {"n_estimators": 10},
+            "workers": (generate or {}).get("workers"),
             "corpora": [
                 {"name": "warmup", "start": 0, "count": count, "consensus": True},
                 {"name": "full", "start": count, "count": count},
@@ -59,8 +62,14 @@ def shrunk_config(steps: tuple[int, int], *, count: int, heldout: int, eval_: di
     }
 
 
+# MLP-SCM tasks only (compiling the tree-SCM family too costs ~17 CPU s; the slow
+# interrupt test runs the mixture) and one filter process, to keep the default suite short.
 FAST = shrunk_config(
-    (2, 2), count=16, heldout=12, eval_={"shots": [8], "methods": ["majority"], "max_test": 10}
+    (2, 2),
+    count=16,
+    heldout=12,
+    eval_={"shots": [8], "methods": ["majority"], "max_test": 10},
+    generate={"prior": {"tree_prob": 0.0}, "workers": 1},
 )
 
 

@@ -214,9 +214,10 @@ def run_demo(
         )
     metrics = update_timings(out, book.records)
     console.rule("[bold]done", align="left")
+    cpu = sum(r["cpu_seconds"] for r in metrics["stages"].values())
     console.print(
-        f"total {metrics['total_seconds']:.1f} s (budget {metrics['total_budget_seconds']:.0f} s); "
-        f"report: {out / 'report' / 'summary.md'}"
+        f"total {metrics['total_seconds']:.1f} s (budget {metrics['total_budget_seconds']:.0f} s, "
+        f"CPU {cpu:.1f} s); report: {out / 'report' / 'summary.md'}"
     )
     return metrics
 

@@ -286,7 +286,9 @@ def main() -> None:
         # CPU seconds per step (all threads of the process): steadier than wall time on
         # a shared machine, where other jobs take the cores from either side.
         "ratio_cpu": None if ref_cpu is None else round(ref_cpu / ours_cpu, 3),
-        "reference_impl": None if ref_tps is None else "transformers+peft (torch, sdpa)",
+        "reference_impl": None
+        if ref_tps is None
+        else f"transformers{'+peft' if args.mode == 'lora' else ''} (torch, sdpa)",
         **settings,
     }
     print(json.dumps(record), flush=True)

@@ -11,7 +11,7 @@ Tasks come from our prior (``mllm_jax.prior``) when it is installed, else from t
 reference prior (tabicl 0.1.4, i.i.d. draws); ``--source`` picks one and ``--cache``
 keeps them in an .npz so repeated runs filter the same tasks.
 
-    .venv/bin/python tools/bench_filter.py pool              # 48 tabicl tasks, 3 repeats
+    .venv/bin/python tools/bench_filter.py pool              # 40 tabicl tasks, 3 repeats
     .venv/bin/python tools/bench_filter.py pool --source prior --cache /tmp/ours.npz
 """
 
@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in commands:
         p = sub.add_parser(name)
         # pool: 3 repeats of pool + one process + reference in <= 3 minutes on 2 cores
-        p.add_argument("--tasks", type=int, default=48 if name == "pool" else 96)
+        p.add_argument("--tasks", type=int, default=40 if name == "pool" else 96)
         p.add_argument("--workers", type=int, default=default_workers())
         p.add_argument("--seed", type=int, default=0)
         # pool: tasks from the reference prior by default, so the first run does not pay

@@ -226,3 +226,17 @@ def test_real_prior_end_to_end(tmp_path):
     manifest = json.loads((tmp_path / "one" / "manifest-p00000.json").read_text())
     assert manifest["tasks_written"] + manifest["invalid"] + manifest["rejected"] == 24
     assert manifest["tasks_written"] > 0
+
+
+def test_default_slot_joins_the_multi_host_job_like_train(monkeypatch):
+    """Without --process-index/--process-count the command joins jax.distributed from the
+    environment (as `train` does); half a setting is refused instead of silently running
+    as process 0 of 1 (which on a pod would make every host write the same slice)."""
+    from mllm_jax.data.generate import default_process
+    from mllm_jax.train.distributed import DistributedError
+
+    monkeypatch.setattr("mllm_jax.train.distributed.detected_cluster", lambda: None)
+    assert default_process() == (0, 1)
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    with pytest.raises(DistributedError, match="coordinator address"):
+        default_process()

@@ -47,10 +47,15 @@ def process_slice(start: int, count: int, process_index: int, process_count: int
 
 
 def default_process() -> tuple[int, int]:
-    """(process index, process count) of the running job: jax's where ``jax.distributed``
-    is initialised, else (0, 1)."""
+    """(process index, process count) of the running job, joining it first the way
+    ``mllm-jax train`` does (coordinator settings from the environment, or a detected TPU
+    pod / SLURM / Open MPI cluster); (0, 1) for a single process. Without the join every
+    pod worker would think it is process 0 and write the same slice."""
     import jax
 
+    from mllm_jax.train.distributed import initialize
+
+    initialize()
     return jax.process_index(), jax.process_count()
 
 

@@ -151,3 +151,17 @@ def test_remove_process_files_touches_only_that_process(tmp_path):
         "tasks-p00000-00001.array_record",
         "tasks-p00000-00002.array_record",
     ]
+
+
+def test_training_data_takes_a_corpus_directory_and_refuses_an_unfinished_one(tmp_path):
+    from mllm_jax.train.data import expand_shards
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _write_process(corpus, 0, 2, range(0, 5))
+    with pytest.raises(FileNotFoundError, match=r"stage 0 data: .*processes \[1\] of 2"):
+        expand_shards([str(corpus)], "stage 0 data")
+    _write_process(corpus, 1, 2, range(5, 10))
+    assert expand_shards([str(corpus)], "stage 0 data") == [
+        str(p) for p in list_corpus_shards(corpus)
+    ]

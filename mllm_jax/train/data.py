@@ -46,9 +46,19 @@ GLOBAL_POSITION = "position_is_global"
 
 
 def expand_shards(patterns: list[str], where: str) -> list[str]:
-    """Shard paths from paths / glob patterns, in the given order (each glob sorted)."""
+    """Shard paths from corpus directories, paths and glob patterns, in the given order
+    (each glob sorted). A directory is a corpus `mllm-jax generate` wrote: its shards come
+    from the manifests, and a corpus some process has not finished is refused."""
+    from mllm_jax.data.shards import CorpusError, list_corpus_shards
+
     paths: list[str] = []
     for pattern in patterns:
+        if Path(pattern).is_dir():
+            try:
+                paths.extend(str(p) for p in list_corpus_shards(Path(pattern)))
+            except CorpusError as err:
+                raise FileNotFoundError(f"{where}: {err}") from err
+            continue
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if Path(m).is_file()]
         if not matches:

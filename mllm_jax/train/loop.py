@@ -467,21 +467,15 @@ class _Run:
                     "mesh": dict(self.mesh.shape),
                 }
             )
-        # Closing also on Ctrl-C or an error waits for an in-flight async checkpoint save
-        # instead of leaving orbax's background thread to fail at interpreter exit.
-        try:
-            with progress_bar(config.logging.progress, self.console) as bar:
-                task = bar.add_task(
-                    "train", total=config.total_steps, completed=self.done, status=""
-                )
-                for stage, (lo, hi) in zip(config.stages, config.stage_bounds(), strict=True):
-                    if self.done >= hi or self._stopped():
-                        continue
-                    bar.update(task, description=f"train [{stage.name}]")
-                    self._run_stage(stage, lo, hi, bar, task)
-        finally:
-            self.checkpointer.close()
-            self.log.close()
+        with progress_bar(config.logging.progress, self.console) as bar:
+            task = bar.add_task("train", total=config.total_steps, completed=self.done, status="")
+            for stage, (lo, hi) in zip(config.stages, config.stage_bounds(), strict=True):
+                if self.done >= hi or self._stopped():
+                    continue
+                bar.update(task, description=f"train [{stage.name}]")
+                self._run_stage(stage, lo, hi, bar, task)
+        self.checkpointer.close()
+        self.log.close()
         return TrainResult(
             step=self.done,
             history=self.history,

@@ -56,6 +56,7 @@ from mllm_jax.train.data import (
     default_data,
     restore_positions,
 )
+from mllm_jax.train.interrupt import StopOnInterrupt
 from mllm_jax.train.mesh import ShardingRules, make_mesh
 from mllm_jax.train.metrics import MetricsLog, is_main_process, progress_bar
 from mllm_jax.train.optim import learning_rate, make_optimizer
@@ -348,6 +349,7 @@ class _Run:
         self.config = config
         self.data_factory = data_factory
         self.stop_at = stop_at
+        self.interrupt = StopOnInterrupt()
         self.console = console
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -467,7 +469,7 @@ class _Run:
                     "mesh": dict(self.mesh.shape),
                 }
             )
-        with progress_bar(config.logging.progress, self.console) as bar:
+        with self.interrupt, progress_bar(config.logging.progress, self.console) as bar:
             task = bar.add_task("train", total=config.total_steps, completed=self.done, status="")
             for stage, (lo, hi) in zip(config.stages, config.stage_bounds(), strict=True):
                 if self.done >= hi or self._stopped():
@@ -476,6 +478,9 @@ class _Run:
                 self._run_stage(stage, lo, hi, bar, task)
         self.checkpointer.close()
         self.log.close()
+        if self.interrupt.requested:
+            # Callers (the CLI, the demo) treat this as Ctrl-C; the checkpoint is complete.
+            raise KeyboardInterrupt
         return TrainResult(
             step=self.done,
             history=self.history,
@@ -486,6 +491,8 @@ class _Run:
         )
 
     def _stopped(self) -> bool:
+        if self.interrupt.requested:
+            return True
         return self.stop_at is not None and self.done >= self.stop_at
 
     def _run_stage(self, stage: StageConfig, lo: int, hi: int, bar, task) -> None:

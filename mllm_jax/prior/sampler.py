@@ -119,9 +119,31 @@ def _compiled_chunk_program(kind: str, width: int, config: PriorConfig, devices:
         return jax.lax.map(lambda a: one(*a), (streams, hp, budget))
 
     program = jax.jit(
-        jax.shard_map(per_device, mesh=mesh, in_specs=P("d"), out_specs=P("d"), check_vma=False)
+        jax.shard_map(per_device, mesh=mesh, in_specs=P("d"), out_specs=P("d"), check_vma=False),
+        compiler_options=_compiler_options(devices[0].platform),
     )
     return program, NamedSharding(mesh, P("d"))
+
+
+def _compiler_options(platform: str) -> dict[str, int]:
+    """XLA options of the chunk programs.
+
+    On CPUs with AVX-512, XLA:CPU still vectorises for 256-bit registers by default; the
+    prior's element-wise integer hashing and polynomials run ~30% faster at 512 bits
+    (MLP tasks; docs/prior.md). Task bytes then differ from a 256-bit build.
+    """
+    if platform == "cpu" and _has_avx512():
+        return {"xla_cpu_prefer_vector_width": 512}
+    return {}
+
+
+@functools.cache
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
 
 
 def _kind_of(family: np.ndarray, width: np.ndarray, config: PriorConfig) -> list[tuple[str, int]]:

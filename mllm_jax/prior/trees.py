@@ -51,6 +51,8 @@ def _grow(stream: rng.Stream, z: jax.Array, n_in: jax.Array, A: jax.Array, depth
     """
     rows = z.shape[0]
     z_t = z.T
+    # Rows last: XLA:CPU vectorises the per-node masking along rows, not along outputs.
+    A_t = A.T  # [outputs + 1, rows]
     node = jnp.zeros((rows,), jnp.int32)
     for level in range(MAX_DEPTH):
         n_nodes = 2**level
@@ -61,18 +63,20 @@ def _grow(stream: rng.Stream, z: jax.Array, n_in: jax.Array, A: jax.Array, depth
             row = rng.randint(rng.fold(s, 1), 0, rows, (candidates,))
             # Row gathers of the transposed input (column gathers are slow on XLA:CPU).
             cols = z_t[feat]  # [candidates, rows]
-            left = (cols < jnp.take_along_axis(cols, row[:, None], axis=1)).T  # [rows, cand]
-            member = (node[:, None] == jnp.arange(n_nodes)[None, :]).astype(jnp.float32)
-            by_node = (member[:, :, None] * A[:, None, :]).reshape(rows, -1)
-            GL = (left.astype(jnp.float32).T @ by_node).reshape(candidates, n_nodes, -1)
-            total = member.T @ A  # [nodes, outputs + 1]
+            left = cols < jnp.take_along_axis(cols, row[:, None], axis=1)  # [cand, rows]
+            member = node[None, None, :] == jnp.arange(n_nodes)[:, None, None]
+            by_node = jnp.where(member, A_t[None], 0.0).reshape(-1, rows)  # [nodes*(out+1), rows]
+            GL = jax.lax.dot_general(
+                left.astype(jnp.float32), by_node, (((1,), (1,)), ((), ()))
+            ).reshape(candidates, n_nodes, -1)
+            total = by_node.sum(axis=1).reshape(n_nodes, -1)  # [nodes, outputs + 1]
             GR = total[None] - GL
             gain = _score(GL) + _score(GR) - _score(total)[None]
             usable = (GL[..., -1] >= 1.0) & (GR[..., -1] >= 1.0)
             gain = jnp.where(usable, gain, -jnp.inf)
             best = jnp.argmax(gain, axis=0)  # [nodes]
             do = jnp.max(gain, axis=0) > _MIN_GAIN
-            right = ~left[jnp.arange(rows), best[node]] & do[node]
+            right = ~left[best[node], jnp.arange(rows)] & do[node]
             return 2 * node + right.astype(jnp.int32)
 
         node = jax.lax.cond(level < depth, split, lambda n: 2 * n, node)
@@ -107,8 +111,8 @@ def tree_layer(
     def boost(t, pred):
         A = jnp.concatenate([pred - target, ones], axis=1)
         leaf = _grow(rng.fold(stream, 100 + t), z, n_in, A, depth, candidates)
-        member = (leaf[:, None] == jnp.arange(2**MAX_DEPTH)[None, :]).astype(jnp.float32)
-        G = member.T @ A
+        member = (jnp.arange(2**MAX_DEPTH)[:, None] == leaf[None, :]).astype(jnp.float32)
+        G = member @ A  # [leaves, outputs + 1]
         weight = -_ETA * G[:, :-1] / (G[:, -1:] + _LAMBDA)
         return pred + weight[leaf]
 

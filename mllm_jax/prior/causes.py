@@ -27,6 +27,15 @@ def _normal(stream: rng.Stream, rows: int, width: int, pre_stats: jax.Array) -> 
     return jnp.where(pre_stats, means + stds * z, z)
 
 
+def _count_below(u: jax.Array, cdf: jax.Array) -> jax.Array:
+    """f32[rows, width]: how many of a column's cdf values (f32[width, k]) are <= u.
+
+    Summed over a leading k axis: reduced over a short minor axis, XLA:CPU does not
+    vectorise along the columns.
+    """
+    return jnp.sum(u[None] >= cdf.T[:, None, :], axis=0).astype(jnp.float32)
+
+
 def _multinomial(stream: rng.Stream, rows: int, width: int) -> jax.Array:
     """Per column: codes from randint(2, 20) categories with U(0,1) weights, standardised."""
     n_cat = rng.randint(rng.fold(stream, 1), 2, _MAX_CATEGORIES + 1, (width,))
@@ -34,7 +43,7 @@ def _multinomial(stream: rng.Stream, rows: int, width: int) -> jax.Array:
     weights = jnp.where(jnp.arange(_MAX_CATEGORIES) < n_cat[:, None], weights, 0.0)
     cdf = jnp.cumsum(weights, axis=1)
     u = rng.uniform(rng.fold(stream, 3), (rows, width)) * cdf[:, -1]
-    codes = jnp.sum(u[:, :, None] >= cdf[None, :, :], axis=-1).astype(jnp.float32)
+    codes = _count_below(u, cdf)
     codes = jnp.minimum(codes, (n_cat - 1).astype(jnp.float32))
     return (codes - codes.mean(axis=0)) / _std(codes)
 
@@ -46,7 +55,7 @@ def _zipf(stream: rng.Stream, rows: int, width: int) -> jax.Array:
     pmf = k[None, :] ** (-a[:, None]) / jsp.zeta(a, 1.0)[:, None]  # P(1..9)
     cdf = jnp.cumsum(pmf, axis=1)
     u = rng.uniform(rng.fold(stream, 2), (rows, width))
-    x = 1.0 + jnp.sum(u[:, :, None] >= cdf[None, :, :], axis=-1).astype(jnp.float32)
+    x = 1.0 + _count_below(u, cdf)
     return x - x.mean(axis=0)
 
 

@@ -51,16 +51,6 @@ def _weights(
     return jnp.where((i < n_in) & (o < n_out), jnp.where(block, w_block, w_drop), 0.0)
 
 
-def _materialised(always: jax.Array, values):
-    """``values``, computed into buffers before any consumer reads them.
-
-    XLA:CPU fuses a per-column draw into the [rows, width] loop that broadcasts it and
-    then hashes it again for every row (``optimization_barrier`` is expanded away before
-    fusion); a conditional's results are buffers. ``always`` is a traced True.
-    """
-    return jax.lax.cond(always, lambda v: v, lambda v: jax.tree.map(jnp.zeros_like, v), values)
-
-
 def _bias(stream: rng.Stream, width: int, n_in: jax.Array, n_out: jax.Array) -> jax.Array:
     """torch.nn.Linear's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / jnp.sqrt(n_in.astype(jnp.float32))
@@ -160,8 +150,7 @@ def mlp_scm(
             jnp.abs(rng.normal(rng.fold(s, 3), (width,)) * hp.noise_std),
             hp.noise_std,
         )
-        bias, noise_std = _materialised(
-            n_out > 0,
+        bias, noise_std = rng.materialised(
             (_bias(rng.fold(s, 2), width, hidden, n_out), jnp.where(cols < n_out, noise_std, 0.0)),
         )
         h = a @ w + bias + rng.normal(rng.fold(s, 4), (rows, width)) * noise_std

@@ -95,9 +95,21 @@ def sin(x: jax.Array) -> jax.Array:
     return sin_turns(x * np.float32(1.0 / _TWO_PI))
 
 
+_PAIRED_NORMALS = 1 << 14  # from this many numbers on, both Box-Muller outputs are used
+
+
 def normal(stream: Stream, shape: tuple[int, ...] = ()) -> jax.Array:
-    """f32[shape] standard normal (Box-Muller, one branch: the two-branch form needs a
-    concatenate that XLA:CPU runs several times slower than the extra uniforms)."""
+    """f32[shape] standard normal (Box-Muller).
+
+    Large draws with an even leading size use both outputs of each pair (half the
+    hashing and logarithms): the first half of the leading axis is r cos t, the second
+    r sin t. Small draws use one output, which needs no intermediate buffers.
+    """
+    if shape and shape[0] % 2 == 0 and math.prod(shape) >= _PAIRED_NORMALS:
+        u = uniform(stream, (2, shape[0] // 2, *shape[1:]))
+        r, t = materialised((jnp.sqrt(-2.0 * jnp.log(u[0])), u[1]))
+        quarter = np.array([0.25, 0.0], np.float32).reshape(2, *([1] * len(shape)))
+        return (r[None] * sin_turns(t[None] + quarter)).reshape(shape)
     u = uniform(stream, (2, *shape))
     return jnp.sqrt(-2.0 * jnp.log(u[0])) * sin_turns(u[1] + np.float32(0.25))
 
@@ -123,3 +135,22 @@ def random_ranks(stream: Stream, n_valid, size: int) -> jax.Array:
         (keys[None, :] == keys[:, None]) & (idx < idx[:, None])
     )
     return jnp.sum(less, axis=1).astype(jnp.int32)
+
+
+def materialised(values):
+    """``values`` (a pytree of float arrays), computed into buffers before any consumer
+    reads them.
+
+    XLA:CPU fuses a small per-column draw into the [rows, width] loop that broadcasts
+    it, and then hashes it again for every row; ``optimization_barrier`` is expanded away
+    before fusion, but the results of a conditional are buffers. The conditional must
+    not be foldable: if the first element is NaN, everything becomes NaN (a NaN draw
+    fails its attempt either way).
+    """
+    first = jnp.ravel(jax.tree.leaves(values)[0])[0]
+    return jax.lax.cond(
+        first == first,
+        lambda v: v,
+        lambda v: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), v),
+        values,
+    )

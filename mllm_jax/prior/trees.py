@@ -125,7 +125,7 @@ def _noise(stream: rng.Stream, hp: HParams, rows: int, n_out, width: int) -> jax
         jnp.abs(rng.normal(rng.fold(stream, 0), (width,)) * hp.noise_std),
         hp.noise_std,
     )
-    std = jnp.where(jnp.arange(width) < n_out, std, 0.0)
+    std = rng.materialised(jnp.where(jnp.arange(width) < n_out, std, 0.0))
     return rng.normal(rng.fold(stream, 1), (rows, width)) * std
 
 

@@ -7,13 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from train_setup import full_split_and_optimizer
 
 from mllm_jax.model import init_model, preset
 from mllm_jax.train.batches import next_batches, to_device
 from mllm_jax.train.config import OptimizerConfig, SyntheticConfig
 from mllm_jax.train.mesh import ShardingRules, make_mesh
-from mllm_jax.train.optim import make_optimizer
-from mllm_jax.train.state import init_optimizer, optimizer_shardings, split_model
 from mllm_jax.train.step import make_train_step
 from mllm_jax.train.synthetic import SyntheticBatches
 
@@ -24,17 +23,9 @@ BUDGET = 16
 
 def _steps(mesh, rules, steps=2):
     rows = SyntheticBatches(DATA, seed=3)
-    split = split_model(
-        init_model(MODEL, 5),
-        "full",
-        mesh,
-        ShardingRules.default(),
-        master_dtype=jnp.float32,
-        frozen_dtype=jnp.float32,
+    split, tx, opt_shardings, opt_state = full_split_and_optimizer(
+        MODEL, 5, mesh, OptimizerConfig(warmup_ratio=0.0)
     )
-    tx = make_optimizer(OptimizerConfig(warmup_ratio=0.0))
-    opt_shardings = optimizer_shardings(tx, split.trainable, split.trainable_shardings, mesh)
-    opt_state = init_optimizer(tx, split.trainable, opt_shardings)
     step = make_train_step(split, tx, opt_shardings, mesh, budget=BUDGET, remat="full", rules=rules)
     losses = []
     for _ in range(steps):

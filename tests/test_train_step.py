@@ -3,17 +3,16 @@ gives the single-device losses and parameters; gradient accumulation equals one 
 batch. float32 throughout."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_setup import full_split_and_optimizer
 
-from mllm_jax.model import init_model, preset
+from mllm_jax.model import preset
 from mllm_jax.train.batches import next_batches, to_device
 from mllm_jax.train.config import OptimizerConfig, SyntheticConfig
 from mllm_jax.train.loop import host_params
-from mllm_jax.train.mesh import ShardingRules, make_mesh
-from mllm_jax.train.optim import learning_rate, make_optimizer
-from mllm_jax.train.state import init_optimizer, optimizer_shardings, split_model
+from mllm_jax.train.mesh import make_mesh
+from mllm_jax.train.optim import learning_rate
 from mllm_jax.train.step import make_train_step
 from mllm_jax.train.synthetic import SyntheticBatches
 
@@ -37,17 +36,7 @@ def _host_batches(accum: int, batch_size: int) -> list[dict[str, np.ndarray]]:
 
 
 def _train(mesh, batches, remat=True):
-    split = split_model(
-        init_model(MODEL, 11),
-        "full",
-        mesh,
-        ShardingRules.default(),
-        master_dtype=jnp.float32,
-        frozen_dtype=jnp.float32,
-    )
-    tx = make_optimizer(OPT)
-    opt_shardings = optimizer_shardings(tx, split.trainable, split.trainable_shardings, mesh)
-    opt_state = init_optimizer(tx, split.trainable, opt_shardings)
+    split, tx, opt_shardings, opt_state = full_split_and_optimizer(MODEL, 11, mesh, OPT)
     step = make_train_step(split, tx, opt_shardings, mesh, budget=BUDGET, remat=remat)
     losses, norms = [], []
     for i, host in enumerate(batches):

@@ -104,7 +104,7 @@ def tree_layer(
     rows = z.shape[0]
     out_mask = jnp.arange(width) < n_out
     depth, rounds = _depth_and_rounds(rng.fold(stream, 0))
-    target = jnp.where(out_mask, rng.normal(rng.fold(stream, 1), (rows, width)), 0.0)
+    target = jnp.where(out_mask, _normal(rng.fold(stream, 1), rows, width), 0.0)
     pred = jnp.broadcast_to(target.mean(axis=0), target.shape)
     ones = jnp.ones((rows, 1), jnp.float32)
 
@@ -126,7 +126,12 @@ def _noise(stream: rng.Stream, hp: HParams, rows: int, n_out, width: int) -> jax
         hp.noise_std,
     )
     std = rng.materialised(jnp.where(jnp.arange(width) < n_out, std, 0.0))
-    return rng.normal(rng.fold(stream, 1), (rows, width)) * std
+    return _normal(rng.fold(stream, 1), rows, width) * std
+
+
+def _normal(stream: rng.Stream, rows: int, width: int) -> jax.Array:
+    """f32[rows, width] ``rng.normal``, drawn along rows (tree layers have few outputs)."""
+    return rng.materialised(rng.normal_columns(stream, rows, width)).T
 
 
 def tree_scm(

@@ -22,7 +22,9 @@ def _std(x: jax.Array, axis: int = 0) -> jax.Array:
 
 def _normal(stream: rng.Stream, rows: int, width: int, pre_stats: jax.Array) -> jax.Array:
     means = rng.normal(rng.fold(stream, 1), (width,))
-    stds = jnp.abs(rng.normal(rng.fold(stream, 2), (width,)) * means)
+    means, stds = rng.materialised(
+        (means, jnp.abs(rng.normal(rng.fold(stream, 2), (width,)) * means))
+    )
     z = rng.normal(rng.fold(stream, 3), (rows, width))
     return jnp.where(pre_stats, means + stds * z, z)
 
@@ -51,8 +53,7 @@ def _multinomial(stream: rng.Stream, rows: int, width: int) -> jax.Array:
     weights = jnp.where(jnp.arange(_MAX_CATEGORIES) < n_cat[:, None], weights, 0.0)
     cdf_t = _transposed(jnp.cumsum(weights, axis=1))
     u = rng.uniform(rng.fold(stream, 3), (rows, width)) * cdf_t[-1]
-    codes = _count_below(u, cdf_t)
-    codes = jnp.minimum(codes, (n_cat - 1).astype(jnp.float32))
+    codes = jnp.minimum(_count_below(u, cdf_t), rng.materialised((n_cat - 1).astype(jnp.float32)))
     return (codes - codes.mean(axis=0)) / _std(codes)
 
 
@@ -68,8 +69,14 @@ def _zipf(stream: rng.Stream, rows: int, width: int) -> jax.Array:
 
 
 def _mixed(stream: rng.Stream, rows: int, width: int, pre_stats: jax.Array) -> jax.Array:
-    p_zipf, p_multi, p_normal = 0.66 * rng.uniform(rng.fold(stream, 0), (3,))
-    u = rng.uniform(rng.fold(stream, 1), (3, width))
+    # Per-column choices in buffers of their own: fused, they were hashed again per row.
+    p, u = rng.materialised(
+        (
+            0.66 * rng.uniform(rng.fold(stream, 0), (3,)),
+            rng.uniform(rng.fold(stream, 1), (3, width)),
+        )
+    )
+    p_zipf, p_multi, p_normal = p
     # Barriers keep the four draws in separate loops (one fused loop compiles for minutes).
     normal, multi, zipf, unif = jax.lax.optimization_barrier(
         (

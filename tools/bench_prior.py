@@ -1,14 +1,15 @@
 """Tasks/s of our JAX prior and of the reference prior (tabicl 0.1.4), same settings, same run.
 
-Both use every core: ours one JAX CPU device per core (set before jax loads), the
-reference ``n_jobs`` = cores joblib workers. Ours is timed at steady state on a fresh
-index range after its programs are compiled (compile time reported separately); the
-reference after one warm-up batch that starts its workers. Besides wall-clock tasks/s,
-both report tasks per CPU-second (ours: this process; the reference: this process and its
-worker processes), steadier than wall time on a shared machine (``cpu_ratio``). The last
-line printed is the JSON result.
+Both use every core: ours one single-device worker process pinned per core
+(``CoreWorkers``; ``--processes 0``: one process with one JAX CPU device per core), the
+reference ``n_jobs`` = cores joblib workers. Both are timed at steady state after one
+warm-up batch: ours on a fresh index range after its programs are compiled (compile
+time reported separately) and one batch on another range, the reference after the
+batch that starts its workers. Besides wall-clock tasks/s, both report tasks per
+CPU-second (this process and its worker processes), steadier than wall time on a shared
+machine (``cpu_ratio``). The last line printed is the JSON result.
 
-    .venv/bin/python tools/bench_prior.py --tasks 1024 --ref-tasks 96
+    .venv/bin/python tools/bench_prior.py --tasks 1024 --ref-tasks 480
 """
 
 from __future__ import annotations
@@ -21,27 +22,46 @@ import time
 
 
 def _ours(args, cores: int) -> dict:
-    import jax
-
-    from mllm_jax.prior import PriorConfig, sample_tasks
-    from mllm_jax.prior.sampler import compile_programs
+    from mllm_jax.prior import PriorConfig
 
     config = PriorConfig(rows=args.rows, max_features=args.max_features, **json.loads(args.config))
-    devices = jax.devices()
     start = 1_000_000
+    if args.processes:
+        from mllm_jax.prior.workers import CoreWorkers
+
+        with CoreWorkers(args.processes) as workers:
+            result = _time_ours(args, config, start, workers.compile, workers.sample_tasks)
+        return result | {"processes": args.processes, "devices": 1, "backend": "cpu"}
+
+    import jax
+
+    from mllm_jax.prior import sample_tasks
+    from mllm_jax.prior.sampler import compile_programs
+
+    result = _time_ours(args, config, start, compile_programs, sample_tasks)
+    return result | {
+        "processes": 1,
+        "devices": len(jax.devices()),
+        "backend": jax.default_backend(),
+    }
+
+
+def _time_ours(args, config, start: int, compile_programs, sample_tasks) -> dict:
     t0 = time.perf_counter()
     compile_programs(args.seed, start, args.tasks, config)
     compile_s = time.perf_counter() - t0
-    t0, c0 = time.perf_counter(), time.process_time()
+    # Warm-up on another index range: the first batch of a process also pays the
+    # operating system's first touch of its freshly mapped output memory (~0.5 s for
+    # 1024 tasks here), which a long generation run pays once.
+    sample_tasks(args.seed, start + args.tasks, args.tasks, config)
+    t0, c0 = time.perf_counter(), _tree_cpu_seconds()
     batch = sample_tasks(args.seed, start, args.tasks, config)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    seconds, cpu = time.perf_counter() - t0, _tree_cpu_seconds() - c0
     return {
         "tasks_per_s": args.tasks / seconds,
         "tasks_per_cpu_s": args.tasks / cpu,
         "compile_s": round(compile_s, 1),
         "valid_fraction": float(batch.valid.mean()),
-        "devices": len(devices),
-        "backend": jax.default_backend(),
         "config": config.to_dict(),
     }
 
@@ -91,15 +111,29 @@ def _tree_cpu_seconds() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=1024, help="tasks timed for ours")
-    parser.add_argument("--ref-tasks", type=int, default=96, help="tasks timed for the reference")
+    parser.add_argument(
+        "--ref-tasks",
+        type=int,
+        default=480,
+        help="tasks timed for the reference (its rate over 96 tasks varied from 6 to 12/s)",
+    )
     parser.add_argument("--ref-batch", type=int, default=32)
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--max-features", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="ours: worker processes pinned one per core (default: --cores); 0: one process "
+        "with one JAX device per core",
+    )
     parser.add_argument("--config", default="{}", help="JSON of extra PriorConfig fields")
     parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()
+    if args.processes is None:
+        args.processes = args.cores
 
     if "jax" in sys.modules:
         raise RuntimeError("jax was imported before the device count was set")
@@ -129,6 +163,7 @@ def main() -> None:
         "features": f"5-{args.max_features}",
         "max_classes": 10,
         "cores": args.cores,
+        "processes": ours["processes"],
         "devices": ours["devices"],
         "backend": ours["backend"],
         "valid_fraction": ours["valid_fraction"],

@@ -188,6 +188,43 @@ def _plan(seed: int, start: int, count: int, config: PriorConfig):
     return hp, streams, _kind_of(hp["family"], hp["width"], config)
 
 
+def needed_kinds(
+    seed: int, start: int, count: int, config: PriorConfig | None = None
+) -> list[tuple[str, int]]:
+    """The kinds of program (family, padded width) tasks ``start .. start + count - 1`` need."""
+    config = config or PriorConfig()
+    _check_range(seed, start, count)
+    return sorted(set(_plan(seed, start, count, config)[2]))
+
+
+def compile_kinds(
+    kinds: Sequence[tuple[str, int]],
+    config: PriorConfig | None = None,
+    *,
+    devices: Sequence | None = None,
+) -> None:
+    """Compiles (and caches) the chunk programs of ``kinds``, side by side on the cores."""
+    config = config or PriorConfig()
+    devs = _devices(devices)
+    per_call = config.chunk_size * len(devs)
+    hp, streams, _ = _plan(0, 0, 1, config)
+
+    def compile_one(kind: tuple[str, int]) -> None:
+        program, sharding = _chunk_program(kind[0], kind[1], config, devs)
+        take = np.zeros(per_call, np.int64)
+        args = (
+            streams[take],
+            HParams(**{n: v[take] for n, v in hp.items()}),
+            np.zeros(per_call, np.int32),  # no attempts: compiles, computes nothing
+        )
+        jax.block_until_ready(program(*jax.device_put(args, sharding)))
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    # XLA compiles a program on one core; independent programs compile side by side.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(kinds), cores or 1))) as pool:
+        list(pool.map(compile_one, [tuple(k) for k in kinds]))
+
+
 def compile_programs(
     seed: int,
     start: int,
@@ -201,26 +238,9 @@ def compile_programs(
     Generation compiles on first use anyway; this lets callers time compilation apart
     from steady-state generation.
     """
-    config = config or PriorConfig()
-    devs = _devices(devices)
-    hp, streams, kinds = _plan(seed, start, count, config)
-    per_call = config.chunk_size * len(devs)
-    needed = sorted(set(kinds))
-
-    def compile_one(kind: tuple[str, int]) -> None:
-        program, sharding = _chunk_program(kind[0], kind[1], config, devs)
-        take = np.zeros(per_call, np.int64)
-        args = (
-            streams[take],
-            HParams(**{n: v[take] for n, v in hp.items()}),
-            np.zeros(per_call, np.int32),  # no attempts: compiles, computes nothing
-        )
-        jax.block_until_ready(program(*jax.device_put(args, sharding)))
-
-    # XLA compiles on one core; independent programs compile side by side.
-    with ThreadPoolExecutor(max_workers=max(1, min(len(needed), os.cpu_count() or 1))) as pool:
-        list(pool.map(compile_one, needed))
-    return needed
+    kinds = needed_kinds(seed, start, count, config)
+    compile_kinds(kinds, config, devices=devices)
+    return kinds
 
 
 @dataclass

@@ -54,6 +54,13 @@ def generate(
     workers: Annotated[
         int | None, typer.Option(help="Filter worker processes (default: one per core).")
     ] = None,
+    prior_processes: Annotated[
+        int,
+        typer.Option(
+            help="CPU hosts: run the prior in this many single-device processes pinned one "
+            "per core (0: this process's JAX devices)."
+        ),
+    ] = 0,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="prior.<field>=value or filter.<field>=value (repeatable)."),
@@ -90,6 +97,7 @@ def generate(
             batch_size=batch_size,
             workers=workers,
             overwrite=overwrite,
+            prior_processes=prior_processes,
         )
         manifest = run_generate(config, out, progress=progress)
     except GenerateError as error:

@@ -117,3 +117,30 @@ def test_workers_get_exactly_one_device_flag():
     flags = _one_device_flags("--xla_force_host_platform_device_count=8 --xla_foo=1")
     assert flags.split() == ["--xla_foo=1", "--xla_force_host_platform_device_count=1"]
     assert os.environ.get("XLA_FLAGS", "").count("device_count=8") <= 1  # parent untouched
+
+
+def test_cli_generate_with_prior_processes_writes_the_workers_tasks(tmp_path, batch):
+    from array_record.python.array_record_module import ArrayRecordReader
+    from typer.testing import CliRunner
+
+    from mllm_jax.cli import app
+    from mllm_jax.data.shards import list_corpus_shards
+    from mllm_jax.data.tasks import decode_task
+
+    sets = [f"prior.{k}={v}" for k, v in TINY.to_dict().items() if k in ("rows", "max_features")]
+    sets += ["prior.max_hidden=16", "prior.widths=[16]", "prior.chunk_size=2"]
+    args = ["generate", "--out", str(tmp_path), "--count", str(COUNT), "--seed", str(SEED)]
+    args += ["--prior-processes", "2", "--batch-size", "8", "--shard-size", "6", "--no-progress"]
+    result = CliRunner().invoke(app, [*args, *(a for s in sets for a in ("--set", s))])
+    assert result.exit_code == 0, result.output
+    tasks = []
+    for path in list_corpus_shards(tmp_path):
+        reader = ArrayRecordReader(str(path))
+        tasks += [decode_task(r) for r in reader.read_all()]
+        reader.close()
+    assert [t.index for t in tasks] == list(range(COUNT))
+    for t in tasks:
+        want = batch.task(t.index)
+        assert np.array_equal(t.X, want.X) and np.array_equal(t.y, want.y)
+    manifest = (tmp_path / "manifest-p00000.json").read_text()
+    assert '"prior_processes": 2' in manifest

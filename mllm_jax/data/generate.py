@@ -73,6 +73,9 @@ class GenerateConfig:
         process_index, process_count: this process's slot among those sharing the range.
         workers: filter worker processes (default one per core).
         overwrite: replace this process's earlier complete output instead of refusing.
+        prior_processes: generate in this many single-device prior worker processes
+            pinned one per core (``mllm_jax.prior.workers``; CPU hosts); 0 uses this
+            process's JAX devices. Task bytes differ between the two (docs/prior.md).
     """
 
     seed: int
@@ -86,6 +89,7 @@ class GenerateConfig:
     process_count: int = 1
     workers: int | None = None
     overwrite: bool = False
+    prior_processes: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**32:
@@ -98,6 +102,8 @@ class GenerateConfig:
             )
         if self.workers is not None and self.workers < 1:
             raise GenerateError(f"workers must be >= 1, got {self.workers}")
+        if self.prior_processes < 0:
+            raise GenerateError(f"prior_processes must be >= 0, got {self.prior_processes}")
         process_slice(self.start, self.count, self.process_index, self.process_count)
 
     @property
@@ -191,17 +197,28 @@ def generate(
     earlier output (its manifest exists) is refused unless ``config.overwrite``. An
     exception or Ctrl-C removes this run's shards again.
     """
-    if batches is None:
-        import functools
+    if batches is not None:
+        return _generate(config, out, progress, batches)
+    if config.prior_processes:
+        from mllm_jax.prior.workers import CoreWorkers
 
-        import jax
+        with CoreWorkers(config.prior_processes) as prior_workers:
+            return _generate(config, out, progress, prior_workers.iter_task_batches)
+    import functools
 
-        from mllm_jax.prior import iter_task_batches
+    import jax
 
-        # This host's devices only: under jax.distributed, jax.devices() lists every
-        # host's, and the prior's tasks do not depend on the devices.
-        batches = functools.partial(iter_task_batches, devices=jax.local_devices())
+    from mllm_jax.prior import iter_task_batches
 
+    # This host's devices only: under jax.distributed, jax.devices() lists every host's,
+    # and the prior's tasks do not depend on the devices.
+    batches = functools.partial(iter_task_batches, devices=jax.local_devices())
+    return _generate(config, out, progress, batches)
+
+
+def _generate(
+    config: GenerateConfig, out: Path, progress: bool, batches: Callable[..., Iterable[Any]]
+) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / manifest_name(config.process_index)
@@ -259,6 +276,7 @@ def generate(
         "filter": None if config.filter is None else asdict(config.filter),
         "shard_size": config.shard_size,
         "batch_size": config.batch_size,
+        "prior_processes": config.prior_processes,
         "versions": _versions(),
     }
     counted = manifest["tasks_written"] + manifest["invalid"] + manifest["rejected"]

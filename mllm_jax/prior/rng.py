@@ -118,7 +118,12 @@ def normal(stream: Stream, shape: tuple[int, ...] = ()) -> jax.Array:
         quarter = np.array([0.25, 0.0], np.float32).reshape(2, *([1] * len(shape)))
         return (r[None] * sin_turns(t[None] + quarter)).reshape(shape)
     u = uniform(stream, (2, *shape))
-    return jnp.sqrt(-2.0 * jnp.log(u[0])) * sin_turns(u[1] + np.float32(0.25))
+    return _one_normal(u[0], u[1])
+
+
+def _one_normal(u0: jax.Array, u1: jax.Array) -> jax.Array:
+    """One Box-Muller output per pair of uniforms."""
+    return jnp.sqrt(-2.0 * jnp.log(u0)) * sin_turns(u1 + np.float32(0.25))
 
 
 def normal_columns(stream: Stream, rows: int, cols: int) -> jax.Array:
@@ -141,7 +146,7 @@ def normal_columns(stream: Stream, rows: int, cols: int) -> jax.Array:
         radius, turns = materialised((jnp.sqrt(-2.0 * jnp.log(u[0])), u[1]))
         quarter = np.array([0.25, 0.0], np.float32).reshape(1, 2, 1)
         return (radius[:, None] * sin_turns(turns[:, None] + quarter)).reshape(cols, rows)
-    return jnp.sqrt(-2.0 * jnp.log(u[0])) * sin_turns(u[1] + np.float32(0.25))
+    return _one_normal(u[0], u[1])
 
 
 def categorical(stream: Stream, weights: jax.Array, shape: tuple[int, ...] = ()) -> jax.Array:

@@ -164,7 +164,9 @@ def _assign_classes(stream: rng.Stream, z: jax.Array, hp: HParams, max_classes: 
     at = rng.randint(rng.fold(stream, 0), 0, rows, (max_classes - 1,))
     bounds = jnp.where(hp.rank_classes, z[at], rng.normal(rng.fold(stream, 1), (max_classes - 1,)))
     bounds = jnp.where(b < k - 1, bounds, jnp.inf)
-    cls = jnp.sum(z[:, None] > bounds[None, :], axis=1)
+    # Loops over the few classes, each vectorised along the rows: on XLA:CPU, gathering
+    # the labels from a 10-entry table took ~60 ns per row (this function: 2-3x faster).
+    cls = sum((z > bounds[j]).astype(jnp.int32) for j in range(max_classes - 1))
     present = jnp.any(cls[:, None] == jnp.arange(max_classes)[None, :], axis=0)
     keys = jnp.where(present, rng.bits(rng.fold(stream, 2), (max_classes,)) >> 1, np.uint32(2**31))
     idx = jnp.arange(max_classes)
@@ -172,7 +174,10 @@ def _assign_classes(stream: rng.Stream, z: jax.Array, hp: HParams, max_classes: 
         (keys[None, :] == keys[:, None]) & (idx < idx[:, None])
     )
     label_of = jnp.sum(less, axis=1).astype(jnp.int32)
-    return label_of[cls], present
+    labels = jnp.full_like(cls, label_of[0])
+    for c in range(1, max_classes):
+        labels = jnp.where(cls == c, label_of[c], labels)
+    return labels, present
 
 
 def _split_ok(y: jax.Array, n_train: jax.Array, n_classes: int) -> jax.Array:

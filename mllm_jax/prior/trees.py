@@ -42,17 +42,19 @@ def _score(G: jax.Array) -> jax.Array:
     return jnp.sum(G[..., :-1] ** 2, axis=-1) / (G[..., -1] + _LAMBDA)
 
 
-def _grow(stream: rng.Stream, z: jax.Array, n_in: jax.Array, A: jax.Array, depth, candidates: int):
+def _grow(
+    stream: rng.Stream, z_t: jax.Array, n_in: jax.Array, A_t: jax.Array, depth, candidates: int
+):
     """Leaf index (i32[rows] in [0, 16)) of each row in one greedy tree.
 
+    Rows are the last axis of both inputs: XLA:CPU vectorises the per-node masking along
+    rows, not along outputs, and gathers features as rows.
+
     Args:
-        z: f32[rows, features] inputs; only the first n_in columns are split on.
-        A: f32[rows, outputs + 1] gradients with a column of ones (hessians) appended.
+        z_t: f32[features, rows] inputs; only the first n_in features are split on.
+        A_t: f32[outputs + 1, rows] gradients with a row of ones (hessians) appended.
     """
-    rows = z.shape[0]
-    z_t = z.T
-    # Rows last: XLA:CPU vectorises the per-node masking along rows, not along outputs.
-    A_t = A.T  # [outputs + 1, rows]
+    rows = z_t.shape[1]
     node = jnp.zeros((rows,), jnp.int32)
     for level in range(MAX_DEPTH):
         n_nodes = 2**level
@@ -61,7 +63,6 @@ def _grow(stream: rng.Stream, z: jax.Array, n_in: jax.Array, A: jax.Array, depth
             s = rng.fold(stream, level)
             feat = rng.randint(rng.fold(s, 0), 0, n_in, (candidates,))
             row = rng.randint(rng.fold(s, 1), 0, rows, (candidates,))
-            # Row gathers of the transposed input (column gathers are slow on XLA:CPU).
             cols = z_t[feat]  # [candidates, rows]
             left = cols < jnp.take_along_axis(cols, row[:, None], axis=1)  # [cand, rows]
             member = node[None, None, :] == jnp.arange(n_nodes)[:, None, None]
@@ -107,10 +108,14 @@ def tree_layer(
     target = jnp.where(out_mask, _normal(rng.fold(stream, 1), rows, width), 0.0)
     pred = jnp.broadcast_to(target.mean(axis=0), target.shape)
     ones = jnp.ones((rows, 1), jnp.float32)
+    # Transposed once, into buffers: a transpose the tree levels' conditionals read
+    # was copied again inside each of them.
+    z_t = rng.materialised(z.T)
 
     def boost(t, pred):
         A = jnp.concatenate([pred - target, ones], axis=1)
-        leaf = _grow(rng.fold(stream, 100 + t), z, n_in, A, depth, candidates)
+        leaf = _grow(rng.fold(stream, 100 + t), z_t, n_in, rng.materialised(A.T), depth,
+                     candidates)  # fmt: skip
         member = (jnp.arange(2**MAX_DEPTH)[:, None] == leaf[None, :]).astype(jnp.float32)
         G = member @ A  # [leaves, outputs + 1]
         weight = -_ETA * G[:, :-1] / (G[:, -1:] + _LAMBDA)

@@ -75,15 +75,15 @@ def sine_sum(stream: rng.Stream, x: jax.Array, terms: int, table: int) -> jax.Ar
     """
     n = 256
     freqs = n * rng.uniform(rng.fold(stream, 0), (n,))
-    phase_turns = rng.uniform(rng.fold(stream, 1), (n,))  # 2*pi*U in turns
+    b_turns = rng.uniform(rng.fold(stream, 1), (n,))  # phases 2*pi*U, in turns
     decay = jnp.exp(rng.uniform_in(rng.fold(stream, 2), math.log(0.7), math.log(3.0)))
     factors = freqs**-decay
     factors = factors / jnp.sqrt(jnp.sum(factors * factors))
-    weights = factors * rng.normal(rng.fold(stream, 3), (n,))
-    _, top = jax.lax.top_k(jnp.abs(weights), terms)
-    f_turns = freqs[top] * np.float32(1.0 / (2.0 * math.pi))
-    b_turns = phase_turns[top]
-    w = weights[top]
+    w = factors * rng.normal(rng.fold(stream, 3), (n,))
+    if terms < n:  # the order of the terms does not matter; keeping all needs no sort
+        _, top = jax.lax.top_k(jnp.abs(w), terms)
+        freqs, b_turns, w = freqs[top], b_turns[top], w[top]
+    f_turns = freqs * np.float32(1.0 / (2.0 * math.pi))
     z = standardise(x)
 
     def evaluate(points):

@@ -40,7 +40,8 @@ class PriorConfig:
         max_hidden: cap on the MLP hidden width (the reference's width distribution has
             an unbounded tail; 512 is beyond its 99.99th percentile).
         chunk_size: tasks per device per compiled call.
-        widths: padded MLP widths; a task runs in the smallest one that holds it.
+        widths: padded MLP widths; a task runs in the smallest one that holds it. Each
+            width is one more compiled program; multiples of 16 fill 512-bit vectors.
     """
 
     rows: int = 1024
@@ -57,7 +58,9 @@ class PriorConfig:
     tree_candidates: int = 64
     max_hidden: int = 512
     chunk_size: int = 8
-    widths: tuple[int, ...] = field(default=(16, 32, 48, 64, 96, 128, 192, 256, 384, 512))
+    widths: tuple[int, ...] = field(
+        default=(16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 384, 512)
+    )
 
     def __post_init__(self) -> None:
         self.validate()

@@ -84,15 +84,25 @@ def _read_off(
 
     # Units in first-occurrence order of i.i.d. draws are a uniform sample without
     # replacement; 4x oversampling from >= 2*nf units leaves >= nf+1 distinct ones
-    # except with negligible probability (then the attempt is invalid).
-    n_draws = 4 * (n_slots + 1)
-    draws = rng.randint(rng.fold(stream, 2), 0, n_units - 1, (n_draws,))
-    earlier = jnp.tril(draws[:, None] == draws[None, :], k=-1).any(axis=1)
-    first = ~earlier
-    rank = jnp.cumsum(first) - 1
-    pick = first[None, :] & (rank[None, :] == jnp.arange(n_slots + 1)[:, None])
-    chosen = jnp.sum(jnp.where(pick, draws[None, :], 0), axis=1)
-    ok = hp.in_clique | (jnp.sum(first) >= nf + 1)
+    # except with negligible probability (then the attempt is invalid). Drawn only
+    # where used (the all-pairs compare is the largest part of a small task's read-off).
+    def sample_units(_):
+        n_draws = 4 * (n_slots + 1)
+        draws = rng.randint(rng.fold(stream, 2), 0, n_units - 1, (n_draws,))
+        earlier = jnp.tril(draws[:, None] == draws[None, :], k=-1).any(axis=1)
+        first = ~earlier
+        rank = jnp.cumsum(first) - 1
+        pick = first[None, :] & (rank[None, :] == jnp.arange(n_slots + 1)[:, None])
+        chosen = jnp.sum(jnp.where(pick, draws[None, :], 0), axis=1)
+        return chosen, jnp.sum(first) >= nf + 1
+
+    chosen, enough = jax.lax.cond(
+        hp.is_causal & ~hp.in_clique,
+        sample_units,
+        lambda _: (jnp.zeros((n_slots + 1,), jnp.int32), jnp.bool_(True)),
+        None,
+    )
+    ok = hp.in_clique | enough
 
     x_flat = jnp.where(hp.in_clique, clique_x, chosen[1:])
     y_flat = jnp.where(hp.y_is_effect, n_units - 1, jnp.where(hp.in_clique, clique_y, chosen[0]))

@@ -6,7 +6,10 @@ test_prior keeps that to two kinds, compiled once for the module.
 
 from __future__ import annotations
 
+import gc
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -144,3 +147,37 @@ def test_cli_generate_with_prior_processes_writes_the_workers_tasks(tmp_path, ba
         assert np.array_equal(t.X, want.X) and np.array_equal(t.y, want.y)
     manifest = (tmp_path / "manifest-p00000.json").read_text()
     assert '"prior_processes": 2' in manifest
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_workers_malloc_reuses_freed_memory():
+    """After _keep_freed_memory, buffers of the sizes a program call allocates come back
+    without new page faults (by default glibc returned some of them to the kernel here:
+    ~6800 faults over the same loop)."""
+    code = """
+import resource
+import numpy as np
+from mllm_jax.prior.workers import _keep_freed_memory
+assert _keep_freed_memory()
+sizes = [3 << 20, 40 << 20, 7 << 20, 20 << 20]
+for size in sizes:
+    np.ones(size, np.uint8)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    for size in sizes:
+        np.ones(size, np.uint8)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    one_round_pages = sum([3 << 20, 40 << 20, 7 << 20, 20 << 20]) // 4096
+    assert int(out.stdout) < one_round_pages // 10
+
+
+def test_a_dropped_pool_stops_its_workers_and_removes_its_files():
+    pool = CoreWorkers(1)
+    directory, proc = pool._dir, pool._procs[0]
+    del pool
+    gc.collect()
+    assert not directory.exists()
+    proc.join(timeout=30)
+    assert proc.exitcode == 0

@@ -24,6 +24,7 @@ import re
 import shutil
 import tempfile
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -85,7 +86,13 @@ def _serve(conn: Connection, core: int | None, cache_dir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     from mllm_jax.prior import sampler
 
-    while (request := conn.recv()) is not None:
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:  # the parent dropped the pool without closing it
+            return
+        if request is None:
+            return
         try:
             conn.send(("ok", _answer(request, sampler)))
         except Exception:  # the parent raises it, with this traceback
@@ -207,6 +214,8 @@ class CoreWorkers:
         self._dir = Path(
             tempfile.mkdtemp(prefix="mllm_jax_prior_", dir=shm if shm.is_dir() else None)
         )
+        # A pool dropped without close() still removes its files (/dev/shm is memory).
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
         cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(self._dir / "xla_cache")
         ctx = mp.get_context("spawn")  # JAX's threads make fork unsafe
         self._conns: list[Connection] = []
@@ -258,7 +267,7 @@ class CoreWorkers:
         for conn in self._conns:
             conn.close()
         self._conns, self._procs = [], []
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._remove_dir()
 
     def _gather(self) -> list[Any]:
         return [self._receive(i) for i in range(len(self._conns))]

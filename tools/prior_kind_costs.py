@@ -30,18 +30,15 @@ def main() -> None:
     parser.add_argument("--malloc-keep", action="store_true")
     args = parser.parse_args()
 
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=1".strip()
-    if args.malloc_keep:
-        from mllm_jax.prior.workers import _keep_freed_memory
+    from mllm_jax.prior.workers import _keep_freed_memory, _one_device_flags
 
-        if not _keep_freed_memory():
-            raise SystemExit("--malloc-keep needs glibc")
+    os.environ["XLA_FLAGS"] = _one_device_flags(os.environ.get("XLA_FLAGS", ""))
+    if args.malloc_keep and not _keep_freed_memory():
+        raise SystemExit("--malloc-keep needs glibc")
     import jax
     import numpy as np
 
     from mllm_jax.prior import PriorConfig, sampler
-    from mllm_jax.prior.hparams import HParams
 
     config = PriorConfig.from_dict(PriorConfig().to_dict() | json.loads(args.config))
     devices = tuple(jax.devices())
@@ -51,10 +48,9 @@ def main() -> None:
     def run(program, sharding, positions) -> None:
         outputs = []
         for lo in range(0, len(positions), per_call):
-            pos = positions[lo : lo + per_call]
-            take = np.concatenate([pos, np.full(per_call - len(pos), pos[0])])
-            budget = np.where(np.arange(per_call) < len(pos), config.attempts, 0)
-            call = (streams[take], HParams(**{k: v[take] for k, v in hp.items()}), budget)
+            call = sampler.chunk_args(
+                hp, streams, positions[lo : lo + per_call], per_call, config.attempts
+            )
             outputs.append(program(*jax.device_put(call, sharding)))
         jax.block_until_ready(outputs)
 

@@ -211,12 +211,8 @@ def compile_kinds(
 
     def compile_one(kind: tuple[str, int]) -> None:
         program, sharding = _chunk_program(kind[0], kind[1], config, devs)
-        take = np.zeros(per_call, np.int64)
-        args = (
-            streams[take],
-            HParams(**{n: v[take] for n, v in hp.items()}),
-            np.zeros(per_call, np.int32),  # no attempts: compiles, computes nothing
-        )
+        # No attempts: compiles, computes nothing.
+        args = chunk_args(hp, streams, np.zeros(1, np.int64), per_call, attempts=0)
         jax.block_until_ready(program(*jax.device_put(args, sharding)))
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -243,6 +239,24 @@ def compile_programs(
     return kinds
 
 
+def chunk_args(
+    hp: dict[str, np.ndarray],
+    streams: np.ndarray,
+    positions: np.ndarray,
+    per_call: int,
+    attempts: int,
+) -> tuple[np.ndarray, HParams, np.ndarray]:
+    """(streams, HParams, i32 attempt budgets) of one chunk call, ``per_call`` slots.
+
+    Slot i < len(positions) holds task ``positions[i]`` (1 <= len <= per_call) of a plan
+    (``hp``: name -> array[n], ``streams``: u32[n, 2]) with ``attempts`` attempts; the
+    padding slots repeat the first task with a budget of 0, so they compute nothing.
+    """
+    take = np.concatenate([positions, np.full(per_call - len(positions), positions[0])])
+    budget = np.where(np.arange(per_call) < len(positions), attempts, 0).astype(np.int32)
+    return streams[take], HParams(**{n: v[take] for n, v in hp.items()}), budget
+
+
 @dataclass
 class _Pending:
     """Dispatched (not yet fetched) work of one batch."""
@@ -263,12 +277,8 @@ def _dispatch(seed: int, start: int, count: int, config: PriorConfig, devices: t
         program, sharding = _chunk_program(kind[0], kind[1], config, devices)
         for lo in range(0, len(positions), per_call):
             pos = positions[lo : lo + per_call]
-            take = np.concatenate([pos, np.full(per_call - len(pos), pos[0])])
-            budget = np.where(np.arange(per_call) < len(pos), config.attempts, 0)
-            hp_take = HParams(**{n: v[take] for n, v in hp.items()})
-            args = (streams[take], hp_take, budget.astype(np.int32))
-            args = jax.device_put(args, sharding)
-            parts.append((pos, program(*args)))
+            args = chunk_args(hp, streams, pos, per_call, config.attempts)
+            parts.append((pos, program(*jax.device_put(args, sharding))))
     return _Pending(seed, start, count, hp, parts)
 
 
@@ -362,18 +372,23 @@ def iter_task_batches(
     overlaps with whatever the caller does with batch k.
     """
     config = config or PriorConfig()
-    _check_range(seed, start, count)
-    if batch_size < 1:
-        raise PriorConfigError(f"batch_size={batch_size} must be >= 1")
+    bounds = batch_bounds(seed, start, count, batch_size)
     devs = _devices(devices)
-    bounds = [
-        (lo, min(lo + batch_size, start + count)) for lo in range(start, start + count, batch_size)
-    ]
     pending = _dispatch(seed, *_span(bounds[0]), config, devs) if bounds else None
     for k in range(len(bounds)):
         nxt = _dispatch(seed, *_span(bounds[k + 1]), config, devs) if k + 1 < len(bounds) else None
         yield _collect(pending, config)
         pending = nxt
+
+
+def batch_bounds(seed: int, start: int, count: int, batch_size: int) -> list[tuple[int, int]]:
+    """[lo, hi) index ranges of consecutive batches of tasks ``start .. start + count - 1``
+    (the last one may be shorter); raises PriorConfigError for a bad range or size."""
+    _check_range(seed, start, count)
+    if batch_size < 1:
+        raise PriorConfigError(f"batch_size={batch_size} must be >= 1")
+    end = start + count
+    return [(lo, min(lo + batch_size, end)) for lo in range(start, end, batch_size)]
 
 
 def _span(bound: tuple[int, int]) -> tuple[int, int]:

@@ -327,17 +327,11 @@ class CoreWorkers:
         *,
         allow_empty: bool,
     ) -> Iterator[TaskBatch]:
-        from mllm_jax.prior.sampler import _check_range
+        from mllm_jax.prior.sampler import batch_bounds
 
         config = config or PriorConfig()
-        _check_range(seed, start, count)
-        if batch_size < 1:
-            raise PriorConfigError(f"batch_size={batch_size} must be >= 1")
         n = len(self._conns)
-        spans = [
-            (lo, min(lo + batch_size, start + count))
-            for lo in range(start, start + count, batch_size)
-        ]
+        spans = batch_bounds(seed, start, count, batch_size)
         if not spans and allow_empty:
             spans = [(start, start)]
         block = max(1, min(_MAX_BLOCK, -(-min(batch_size, count) // (4 * n))))

@@ -127,6 +127,22 @@ def test_task_i_is_the_same_bytes_whatever_the_batching(batch):
     assert [t.index for t in middle.to_tasks()] == list(range(10, 15))
 
 
+def test_vmapped_task_blocks_draw_the_same_tasks(batch):
+    """task_block > 1 (for accelerators) vmaps a chunk's tasks: the same draws up to
+    float rounding, and still the same bytes whatever the batching."""
+    blocked = TINY.replace(chunk_size=4, task_block=4)
+    one = jax.devices()[:1]
+    vec = sample_tasks(SEED, 0, 12, blocked, devices=one)
+    for name in ("n_features", "n_classes", "n_train", "family", "valid"):
+        assert np.array_equal(getattr(vec, name), getattr(batch, name)[:12]), name
+    close = [np.allclose(vec.X[i], batch.X[i], rtol=1e-3, atol=1e-4) for i in range(12)]
+    assert sum(close) >= 10, close  # rounding differences can grow through exp and the like
+    same_labels = [np.array_equal(vec.y[i], batch.y[i]) for i in range(12)]
+    assert sum(same_labels) >= 10, same_labels
+    # Other neighbours in the block, other padding: the same bytes.
+    _same(vec, sample_tasks(SEED, 5, 7, blocked, devices=one), slice(5, 12))
+
+
 def test_another_seed_gives_other_tasks(batch):
     other = sample_tasks(SEED + 1, 0, 4, TINY)
     assert not np.array_equal(other.X, batch.X[:4])
@@ -208,6 +224,8 @@ def _subset(b: TaskBatch, mask: np.ndarray) -> TaskBatch:
         ({"sine_table": 100}, "sine_table"),
         ({"tree_candidates": 0}, "tree_candidates"),
         ({"chunk_size": 0}, "chunk_size"),
+        ({"task_block": 0}, "task_block"),
+        ({"chunk_size": 8, "task_block": 3}, "task_block"),
         ({"widths": (64, 32, 512)}, "widths"),
         ({"widths": (16, 32)}, "max_hidden"),
         ({"max_hidden": 64}, "max_hidden"),

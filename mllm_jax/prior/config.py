@@ -40,6 +40,10 @@ class PriorConfig:
         max_hidden: cap on the MLP hidden width (the reference's width distribution has
             an unbounded tail; 512 is beyond its 99.99th percentile).
         chunk_size: tasks per device per compiled call.
+        task_block: tasks of a chunk computed together (``vmap``); ``chunk_size`` must be
+            a multiple. 1 runs a chunk's tasks one after another, best on CPUs, where a
+            vmapped block evaluates both sides of every data-dependent branch. On a GPU,
+            set ``chunk_size`` and ``task_block`` to hundreds (docs/prior.md).
         widths: padded MLP widths; a task runs in the smallest one that holds it. Each
             width is one more compiled program; multiples of 16 fill 512-bit vectors.
     """
@@ -58,6 +62,7 @@ class PriorConfig:
     tree_candidates: int = 64
     max_hidden: int = 512
     chunk_size: int = 8
+    task_block: int = 1
     widths: tuple[int, ...] = field(
         default=(16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 384, 512)
     )
@@ -100,6 +105,10 @@ class PriorConfig:
         )
         need(self.tree_candidates >= 1, f"tree_candidates={self.tree_candidates} must be >= 1")
         need(self.chunk_size >= 1, f"chunk_size={self.chunk_size} must be >= 1")
+        need(
+            self.task_block >= 1 and self.chunk_size % self.task_block == 0,
+            f"task_block={self.task_block} must be >= 1 and divide chunk_size={self.chunk_size}",
+        )
         need(
             len(self.widths) > 0 and list(self.widths) == sorted(set(self.widths)),
             f"widths={self.widths} must be distinct and increasing",

@@ -127,20 +127,28 @@ def test_task_i_is_the_same_bytes_whatever_the_batching(batch):
     assert [t.index for t in middle.to_tasks()] == list(range(10, 15))
 
 
-def test_vmapped_task_blocks_draw_the_same_tasks(batch):
+@pytest.mark.parametrize(
+    "count", [8, pytest.param(COUNT, marks=pytest.mark.slow)], ids=["mlp", "mixed"]
+)
+def test_vmapped_task_blocks_draw_the_same_tasks(batch, count):
     """task_block > 1 (for accelerators) vmaps a chunk's tasks: the same draws up to
     float rounding, and still the same bytes whatever the batching."""
+    if count == 8:
+        assert set(batch.family[:count]) == {"mlp"}  # one program to compile
     blocked = TINY.replace(chunk_size=4, task_block=4)
     one = jax.devices()[:1]
-    vec = sample_tasks(SEED, 0, 12, blocked, devices=one)
-    for name in ("n_features", "n_classes", "n_train", "family", "valid"):
-        assert np.array_equal(getattr(vec, name), getattr(batch, name)[:12]), name
-    close = [np.allclose(vec.X[i], batch.X[i], rtol=1e-3, atol=1e-4) for i in range(12)]
-    assert sum(close) >= 10, close  # rounding differences can grow through exp and the like
-    same_labels = [np.array_equal(vec.y[i], batch.y[i]) for i in range(12)]
-    assert sum(same_labels) >= 10, same_labels
+    vec = sample_tasks(SEED, 0, count, blocked, devices=one)
+    for name in ("n_features", "n_train", "family", "valid"):
+        assert np.array_equal(getattr(vec, name), getattr(batch, name)[:count]), name
+    # Rounding differences can grow through exp and the like, and move a class boundary.
+    most = count - count // 4
+    assert np.sum(vec.n_classes == batch.n_classes[:count]) >= most
+    close = [np.allclose(vec.X[i], batch.X[i], rtol=1e-3, atol=1e-4) for i in range(count)]
+    assert sum(close) >= most, close
+    same_labels = [np.array_equal(vec.y[i], batch.y[i]) for i in range(count)]
+    assert sum(same_labels) >= most, same_labels
     # Other neighbours in the block, other padding: the same bytes.
-    _same(vec, sample_tasks(SEED, 5, 7, blocked, devices=one), slice(5, 12))
+    _same(vec, sample_tasks(SEED, 3, count - 3, blocked, devices=one), slice(3, count))
 
 
 def test_another_seed_gives_other_tasks(batch):

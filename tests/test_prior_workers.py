@@ -154,12 +154,13 @@ def test_workers_malloc_reuses_freed_memory():
     """After _keep_freed_memory, buffers of the sizes a program call allocates come back
     without new page faults (by default glibc returned some of them to the kernel here:
     ~6800 faults over the same loop)."""
-    code = """
+    sizes = [3 << 20, 40 << 20, 7 << 20, 20 << 20]
+    code = f"""
 import resource
 import numpy as np
 from mllm_jax.prior.workers import _keep_freed_memory
 assert _keep_freed_memory()
-sizes = [3 << 20, 40 << 20, 7 << 20, 20 << 20]
+sizes = {sizes}
 for size in sizes:
     np.ones(size, np.uint8)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -169,7 +170,7 @@ for _ in range(10):
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    one_round_pages = sum([3 << 20, 40 << 20, 7 << 20, 20 << 20]) // 4096
+    one_round_pages = sum(sizes) // 4096
     assert int(out.stdout) < one_round_pages // 10
 
 

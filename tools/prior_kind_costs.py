@@ -43,26 +43,19 @@ def main() -> None:
     config = PriorConfig.from_dict(PriorConfig().to_dict() | json.loads(args.config))
     devices = tuple(jax.devices())
     hp, streams, kinds = sampler._plan(args.seed, args.start, args.tasks, config)
-    per_call = config.chunk_size
 
-    def run(program, sharding, positions) -> None:
-        outputs = []
-        for lo in range(0, len(positions), per_call):
-            call = sampler.chunk_args(
-                hp, streams, positions[lo : lo + per_call], per_call, config.attempts
-            )
-            outputs.append(program(*jax.device_put(call, sharding)))
-        jax.block_until_ready(outputs)
+    def run(kind, positions) -> None:
+        parts = sampler.dispatch_kind(kind, positions, hp, streams, config, devices)
+        jax.block_until_ready([outputs for _, outputs in parts])
 
     costs, counts, total = {}, {}, 0.0
     for kind in sorted(set(kinds)):
         positions = np.array([i for i, k in enumerate(kinds) if k == kind])
-        program, sharding = sampler._chunk_program(kind[0], kind[1], config, devices)
-        run(program, sharding, positions)  # compiles and warms up
+        run(kind, positions)  # compiles and warms up
         best = float("inf")
         for _ in range(args.repeats):
             c0 = time.process_time()
-            run(program, sharding, positions)
+            run(kind, positions)
             best = min(best, time.process_time() - c0)
         name = f"{kind[0]}{kind[1] or ''}"
         costs[name] = round(1000 * best / len(positions), 3)

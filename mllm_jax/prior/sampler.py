@@ -277,16 +277,31 @@ class _Pending:
 
 def _dispatch(seed: int, start: int, count: int, config: PriorConfig, devices: tuple) -> _Pending:
     hp, streams, kinds = _plan(seed, start, count, config)
-    per_call = config.chunk_size * len(devices)
     parts = []
     for kind in sorted(set(kinds)):
         positions = np.array([i for i, k in enumerate(kinds) if k == kind])
-        program, sharding = _chunk_program(kind[0], kind[1], config, devices)
-        for lo in range(0, len(positions), per_call):
-            pos = positions[lo : lo + per_call]
-            args = chunk_args(hp, streams, pos, per_call, config.attempts)
-            parts.append((pos, program(*jax.device_put(args, sharding))))
+        parts += dispatch_kind(kind, positions, hp, streams, config, devices)
     return _Pending(seed, start, count, hp, parts)
+
+
+def dispatch_kind(
+    kind: tuple[str, int],
+    positions: np.ndarray,
+    hp: dict[str, np.ndarray],
+    streams: np.ndarray,
+    config: PriorConfig,
+    devices: tuple,
+) -> list[tuple[np.ndarray, object]]:
+    """Starts the chunk calls of tasks ``positions`` of a plan, all of one ``kind``;
+    returns (positions, device outputs) of each call."""
+    program, sharding = _chunk_program(kind[0], kind[1], config, devices)
+    per_call = config.chunk_size * len(devices)
+    parts = []
+    for lo in range(0, len(positions), per_call):
+        pos = positions[lo : lo + per_call]
+        args = chunk_args(hp, streams, pos, per_call, config.attempts)
+        parts.append((pos, program(*jax.device_put(args, sharding))))
+    return parts
 
 
 def _collect(p: _Pending, config: PriorConfig) -> TaskBatch:

@@ -20,22 +20,22 @@ from mllm_jax.prior.hparams import HParams
 
 def _weights(
     stream: rng.Stream,
-    width: int,
+    shape: tuple[int, int],
     n_in: jax.Array,
     n_out: jax.Array,
     block: jax.Array,
     init_std: jax.Array,
     dropout: jax.Array,
 ) -> jax.Array:
-    """f32[width, width] weights (in x out) of a linear layer, zero outside n_in x n_out.
+    """f32[shape] weights (in x out) of a linear layer, zero outside n_in x n_out.
 
     Block-wise: ``nb ~ randint(1, ceil(sqrt(min(in, out))))`` diagonal blocks of
     N(0, init_std / sqrt(kept fraction)), zeros elsewhere. Otherwise N(0, init_std /
     sqrt(1 - p)) with Bernoulli(1 - p) dropout, p = min(dropout, 0.99).
     """
-    i = jnp.arange(width)[:, None]
-    o = jnp.arange(width)[None, :]
-    z = rng.normal(rng.fold(stream, 0), (width, width))
+    i = jnp.arange(shape[0])[:, None]
+    o = jnp.arange(shape[1])[None, :]
+    z = rng.normal(rng.fold(stream, 0), shape)
 
     m = jnp.minimum(n_in, n_out).astype(jnp.float32)
     n_blocks = rng.randint(rng.fold(stream, 1), 1, jnp.ceil(jnp.sqrt(m)).astype(jnp.int32) + 1)
@@ -46,7 +46,7 @@ def _weights(
     w_block = jnp.where(in_block, z * (init_std / jnp.sqrt(kept)), 0.0)
 
     p = jnp.minimum(dropout, 0.99)
-    kept_mask = rng.uniform(rng.fold(stream, 2), (width, width)) < 1.0 - p
+    kept_mask = rng.uniform(rng.fold(stream, 2), shape) < 1.0 - p
     w_drop = jnp.where(kept_mask, z * (init_std / jnp.sqrt(1.0 - p)), 0.0)
     return jnp.where((i < n_in) & (o < n_out), jnp.where(block, w_block, w_drop), 0.0)
 
@@ -110,6 +110,49 @@ def _read_off(
     return x_block, x_flat % hidden, y_flat // hidden + 1, y_flat % hidden, ok
 
 
+# Static widths root causes are drawn at when a task has few of them: a causal task has
+# ~5 (at most 16 in 99%), a non-causal one as many as its features. The draw and the
+# first block's product cost rows x width each, and most of a padded width held zeros.
+_CAUSE_WIDTHS = (16, 48)
+
+
+def _first_block(
+    stream: rng.Stream,
+    hp: HParams,
+    n_in: jax.Array,
+    hidden: jax.Array,
+    *,
+    width: int,
+    n_slots: int,
+    rows: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The root causes and the linear block on them, at the narrowest static width of
+    ``_CAUSE_WIDTHS`` (or ``width``) that holds the task's ``n_in`` causes.
+
+    Returns:
+        (f32[rows, width] block 0 output, f32[rows, n_slots] the causes, zero-padded:
+         a non-causal task's features).
+    """
+    levels = [c for c in _CAUSE_WIDTHS if c < width] + [width]
+
+    def at(c: int):
+        def draw():
+            causes = sample_causes(
+                rng.fold(stream, 1), rows, c, n_in, hp.sampling, hp.pre_cause_stats
+            )
+            w0 = _weights(rng.fold(stream, 2), (c, width), n_in, hidden, hp.block_dropout,
+                          hp.init_std, 0.0)  # fmt: skip
+            h = causes @ w0 + _bias(rng.fold(stream, 3), width, n_in, hidden)
+            if c >= n_slots:
+                return h, causes[:, :n_slots]
+            return h, jnp.pad(causes, ((0, 0), (0, n_slots - c)))
+
+        return draw
+
+    level = jnp.sum(n_in > jnp.asarray(levels[:-1], jnp.int32))
+    return jax.lax.switch(level, [at(c) for c in levels])
+
+
 def mlp_scm(
     stream: rng.Stream,
     hp: HParams,
@@ -139,31 +182,33 @@ def mlp_scm(
     hidden = jnp.where(causal, jnp.maximum(hp.hidden, 2 * nf + 1), hp.hidden)
     hidden = jnp.minimum(hidden, width)
     n_in = jnp.minimum(jnp.where(causal, hp.num_causes, nf), width)
-    cols = jnp.arange(width)
 
-    causes = sample_causes(rng.fold(stream, 1), rows, width, n_in, hp.sampling, hp.pre_cause_stats)
-    w0 = _weights(rng.fold(stream, 2), width, n_in, hidden, hp.block_dropout, hp.init_std, 0.0)
-    h = causes @ w0 + _bias(rng.fold(stream, 3), width, n_in, hidden)
-
+    h, x_causes = _first_block(stream, hp, n_in, hidden, width=width, n_slots=n_slots, rows=rows)
     x_block, x_unit, y_block, y_unit, ok = _read_off(rng.fold(stream, 4), hp, hidden, n_slots)
-    n_blocks = hp.num_layers - 1 + jnp.where(causal, 0, 1)
 
-    def block(b, carry):
-        h, X_t, y = carry
+    def block(b: jax.Array, h: jax.Array, n_out: jax.Array, out_cols: int) -> jax.Array:
+        """Block b on h f32[rows, width]: activation, linear to ``out_cols`` static
+        columns (``n_out`` real), noise."""
         s = rng.fold(stream, 1000 + b)
-        n_out = jnp.where(~causal & (b == n_blocks), 1, hidden)
         a, _ = activation(rng.fold(s, 0), h, hidden, hp.act_probs, sine_terms, sine_table)
-        w = _weights(rng.fold(s, 1), width, hidden, n_out, hp.block_dropout, hp.init_std,
-                     hp.dropout_prob)  # fmt: skip
+        w = _weights(rng.fold(s, 1), (width, out_cols), hidden, n_out, hp.block_dropout,
+                     hp.init_std, hp.dropout_prob)  # fmt: skip
         noise_std = jnp.where(
             hp.pre_noise_std,
-            jnp.abs(rng.normal(rng.fold(s, 3), (width,)) * hp.noise_std),
+            jnp.abs(rng.normal(rng.fold(s, 3), (out_cols,)) * hp.noise_std),
             hp.noise_std,
         )
         bias, noise_std = rng.materialised(
-            (_bias(rng.fold(s, 2), width, hidden, n_out), jnp.where(cols < n_out, noise_std, 0.0)),
+            (
+                _bias(rng.fold(s, 2), out_cols, hidden, n_out),
+                jnp.where(jnp.arange(out_cols) < n_out, noise_std, 0.0),
+            ),
         )
-        h = a @ w + bias + rng.normal(rng.fold(s, 4), (rows, width)) * noise_std
+        return a @ w + bias + rng.normal(rng.fold(s, 4), (rows, out_cols)) * noise_std
+
+    def hidden_block(b, carry):
+        h, X_t, y = carry
+        h = block(b, h, hidden, width)
         # Features are gathered as rows of h^T (column gathers are slow on XLA:CPU).
         h_t = h.T
         X_t = jnp.where((x_block == b)[:, None], h_t[x_unit], X_t)
@@ -171,13 +216,11 @@ def mlp_scm(
         return h, X_t, y
 
     init = (h, jnp.zeros((n_slots, rows), jnp.float32), jnp.zeros((rows,), jnp.float32))
-    h, X_t, y = jax.lax.fori_loop(1, n_blocks + 1, block, init)
-    X = X_t.T
+    h, X_t, y = jax.lax.fori_loop(1, hp.num_layers, hidden_block, init)
 
-    if width >= n_slots:
-        x_causes = causes[:, :n_slots]
-    else:
-        x_causes = jnp.pad(causes, ((0, 0), (0, n_slots - width)))
-    X = jnp.where(causal, X, jnp.where(jnp.arange(n_slots) < nf, x_causes, 0.0))
-    y = jnp.where(causal, y, h[:, 0])
+    # A non-causal task's target is the single unit of one more block.
+    y = jax.lax.cond(
+        causal, lambda h: y, lambda h: block(hp.num_layers, h, jnp.int32(1), 1)[:, 0], h
+    )
+    X = jnp.where(causal, X_t.T, jnp.where(jnp.arange(n_slots) < nf, x_causes, 0.0))
     return X, y, ok | ~causal

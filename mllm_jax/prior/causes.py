@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import jax.scipy.special as jsp
@@ -68,11 +71,14 @@ def _zipf(stream: rng.Stream, rows: int, width: int) -> jax.Array:
     return x - x.mean(axis=0)
 
 
-def _mixed(stream: rng.Stream, rows: int, width: int, pre_stats: jax.Array) -> jax.Array:
+def _mixed(
+    task: rng.Stream, stream: rng.Stream, rows: int, width: int, pre_stats: jax.Array
+) -> jax.Array:
+    """Per column one of four kinds, with task-level probabilities drawn from ``task``."""
     # Per-column choices in buffers of their own: fused, they were hashed again per row.
     p, u = rng.materialised(
         (
-            0.66 * rng.uniform(rng.fold(stream, 0), (3,)),
+            0.66 * rng.uniform(rng.fold(task, 0), (3,)),
             rng.uniform(rng.fold(stream, 1), (3, width)),
         )
     )
@@ -100,24 +106,60 @@ def sample_causes(
     n_cols: jax.Array,
     sampling: jax.Array,
     pre_stats: jax.Array,
+    tile: jax.Array | int = 0,
 ) -> jax.Array:
-    """Root causes of one task.
+    """Root causes of one task: columns ``tile * width`` on of them.
 
     Args:
-        stream: random stream of this draw.
+        stream: random stream of the task's causes.
         rows, width: static output shape.
-        n_cols: i32 number of real columns (the rest are zero).
+        n_cols: i32 number of real columns here (the rest are zero).
         sampling: SAMPLING_NORMAL (N(0,1), or per-column N(m, |s*m|) with pre_stats),
             SAMPLING_UNIFORM (U(0,1)) or SAMPLING_MIXED (per column one of normal,
             multinomial, zipf, uniform with task-level probabilities).
         pre_stats: bool, per-column means and stds for normal causes.
+        tile: i32, which block of ``width`` columns: each block draws its columns from
+            a stream of its own, and the task-level choices from ``stream``.
 
     Returns:
         f32[rows, width].
     """
+    columns = rng.fold(stream, 1 + jnp.asarray(tile))
     branches = [None] * 3
     branches[SAMPLING_NORMAL] = lambda s: _normal(s, rows, width, pre_stats)
-    branches[SAMPLING_MIXED] = lambda s: _mixed(s, rows, width, pre_stats)
+    branches[SAMPLING_MIXED] = lambda s: _mixed(stream, s, rows, width, pre_stats)
     branches[SAMPLING_UNIFORM] = lambda s: rng.uniform(s, (rows, width))
-    x = jax.lax.switch(sampling, branches, stream)
+    x = jax.lax.switch(sampling, branches, columns)
     return jnp.where(jnp.arange(width) < n_cols, x, 0.0)
+
+
+TILE = 16  # columns of causes drawn together
+
+
+def in_tiles(
+    stream: rng.Stream,
+    rows: int,
+    n_cols: jax.Array,
+    sampling: jax.Array,
+    pre_stats: jax.Array,
+    update: Callable[[jax.Array, jax.Array, Any], Any],
+    init: Any,
+) -> Any:
+    """Draws a task's ``n_cols`` root causes in blocks of ``TILE`` columns, as many blocks
+    as they need, and folds them into a carry: ``carry = update(t, causes, carry)`` for
+    block t (causes f32[rows, TILE], columns ``t * TILE`` on, zero beyond ``n_cols``).
+
+    A task has 1-50 causes while its padded width reaches 512: drawing only the blocks
+    it needs keeps the work, and the compiled code, to one block's worth.
+    """
+
+    def block(t, carry):
+        causes = sample_causes(stream, rows, TILE, n_cols - t * TILE, sampling, pre_stats, t)
+        return update(t, causes, carry)
+
+    return jax.lax.fori_loop(0, (n_cols + TILE - 1) // TILE, block, init)
+
+
+def padded(n: int) -> int:
+    """``n`` rounded up to whole blocks of ``TILE`` columns."""
+    return -(-n // TILE) * TILE

@@ -12,9 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mllm_jax.prior import rng
+from mllm_jax.prior import causes, rng
 from mllm_jax.prior.activations import activation
-from mllm_jax.prior.causes import sample_causes
 from mllm_jax.prior.hparams import HParams
 
 
@@ -26,16 +25,20 @@ def _weights(
     block: jax.Array,
     init_std: jax.Array,
     dropout: jax.Array,
+    first_row: jax.Array | int = 0,
 ) -> jax.Array:
     """f32[shape] weights (in x out) of a linear layer, zero outside n_in x n_out.
 
     Block-wise: ``nb ~ randint(1, ceil(sqrt(min(in, out))))`` diagonal blocks of
     N(0, init_std / sqrt(kept fraction)), zeros elsewhere. Otherwise N(0, init_std /
     sqrt(1 - p)) with Bernoulli(1 - p) dropout, p = min(dropout, 0.99).
+
+    ``first_row`` > 0 gives rows ``first_row`` on of the layer's weights (each such
+    slice of rows draws its own values, from the layer's ``nb``).
     """
-    i = jnp.arange(shape[0])[:, None]
+    i = first_row + jnp.arange(shape[0])[:, None]
     o = jnp.arange(shape[1])[None, :]
-    z = rng.normal(rng.fold(stream, 0), shape)
+    z = rng.normal(rng.fold(rng.fold(stream, 0), first_row), shape)
 
     m = jnp.minimum(n_in, n_out).astype(jnp.float32)
     n_blocks = rng.randint(rng.fold(stream, 1), 1, jnp.ceil(jnp.sqrt(m)).astype(jnp.int32) + 1)
@@ -46,7 +49,7 @@ def _weights(
     w_block = jnp.where(in_block, z * (init_std / jnp.sqrt(kept)), 0.0)
 
     p = jnp.minimum(dropout, 0.99)
-    kept_mask = rng.uniform(rng.fold(stream, 2), shape) < 1.0 - p
+    kept_mask = rng.uniform(rng.fold(rng.fold(stream, 2), first_row), shape) < 1.0 - p
     w_drop = jnp.where(kept_mask, z * (init_std / jnp.sqrt(1.0 - p)), 0.0)
     return jnp.where((i < n_in) & (o < n_out), jnp.where(block, w_block, w_drop), 0.0)
 
@@ -110,12 +113,6 @@ def _read_off(
     return x_block, x_flat % hidden, y_flat // hidden + 1, y_flat % hidden, ok
 
 
-# Static widths root causes are drawn at when a task has few of them: a causal task has
-# ~5 (at most 16 in 99%), a non-causal one as many as its features. The draw and the
-# first block's product cost rows x width each, and most of a padded width held zeros.
-_CAUSE_WIDTHS = (16, 48)
-
-
 def _first_block(
     stream: rng.Stream,
     hp: HParams,
@@ -126,31 +123,28 @@ def _first_block(
     n_slots: int,
     rows: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """The root causes and the linear block on them, at the narrowest static width of
-    ``_CAUSE_WIDTHS`` (or ``width``) that holds the task's ``n_in`` causes.
+    """The root causes and the linear block on them, in blocks of ``causes.TILE`` causes.
 
     Returns:
         (f32[rows, width] block 0 output, f32[rows, n_slots] the causes, zero-padded:
          a non-causal task's features).
     """
-    levels = [c for c in _CAUSE_WIDTHS if c < width] + [width]
 
-    def at(c: int):
-        def draw():
-            causes = sample_causes(
-                rng.fold(stream, 1), rows, c, n_in, hp.sampling, hp.pre_cause_stats
-            )
-            w0 = _weights(rng.fold(stream, 2), (c, width), n_in, hidden, hp.block_dropout,
-                          hp.init_std, 0.0)  # fmt: skip
-            h = causes @ w0 + _bias(rng.fold(stream, 3), width, n_in, hidden)
-            if c >= n_slots:
-                return h, causes[:, :n_slots]
-            return h, jnp.pad(causes, ((0, 0), (0, n_slots - c)))
+    def update(t, block, carry):
+        h, x = carry
+        w0 = _weights(rng.fold(stream, 2), (causes.TILE, width), n_in, hidden,
+                      hp.block_dropout, hp.init_std, 0.0, first_row=t * causes.TILE)  # fmt: skip
+        h = h + block @ w0
+        # Clamped into the last block for a task with more causes than feature slots:
+        # only causal tasks have those, and their features are read off hidden units.
+        x = jax.lax.dynamic_update_slice_in_dim(x, block, t * causes.TILE, axis=1)
+        return h, x
 
-        return draw
-
-    level = jnp.sum(n_in > jnp.asarray(levels[:-1], jnp.int32))
-    return jax.lax.switch(level, [at(c) for c in levels])
+    init = (jnp.zeros((rows, width), jnp.float32),
+            jnp.zeros((rows, causes.padded(n_slots)), jnp.float32))  # fmt: skip
+    h, x = causes.in_tiles(rng.fold(stream, 1), rows, n_in, hp.sampling, hp.pre_cause_stats,
+                           update, init)  # fmt: skip
+    return h + _bias(rng.fold(stream, 3), width, n_in, hidden), x[:, :n_slots]
 
 
 def mlp_scm(

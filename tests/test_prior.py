@@ -127,6 +127,21 @@ def test_task_i_is_the_same_bytes_whatever_the_batching(batch):
     assert [t.index for t in middle.to_tasks()] == list(range(10, 15))
 
 
+def test_x_and_y_can_be_written_into_given_arrays(batch):
+    X = np.full((5, TINY.rows, TINY.max_features), np.nan, np.float32)
+    y = np.full((5, TINY.rows), -1, np.int32)
+    into = sample_tasks(SEED, 10, 5, TINY, out=(X, y))
+    assert into.X is X and into.y is y
+    _same(batch, into, slice(10, 15))
+    with pytest.raises(ValueError, match=r"out X must be a numpy float32\[5, 96, 8\] array"):
+        sample_tasks(SEED, 10, 5, TINY, out=(X[:4], y))
+    with pytest.raises(ValueError, match="out y must be"):
+        sample_tasks(SEED, 10, 5, TINY, out=(X, y.astype(np.int64)))
+    X.flags.writeable = False
+    with pytest.raises(ValueError, match="out X is read-only"):
+        sample_tasks(SEED, 10, 5, TINY, out=(X, y))
+
+
 @pytest.mark.parametrize(
     "count", [8, pytest.param(COUNT, marks=pytest.mark.slow)], ids=["mlp", "mixed"]
 )

@@ -307,10 +307,12 @@ def dispatch_kind(
     return parts
 
 
-def _collect(p: _Pending, config: PriorConfig) -> TaskBatch:
+def _collect(p: _Pending, config: PriorConfig, out: tuple | None = None) -> TaskBatch:
     n, rows, slots = p.count, config.rows, config.max_features
-    X = np.zeros((n, rows, slots), np.float32)
-    y = np.zeros((n, rows), np.int32)
+    # Every position is written below, once: the parts partition the batch by kind.
+    if out is None:
+        out = np.empty((n, rows, slots), np.float32), np.empty((n, rows), np.int32)
+    X, y = out
     n_features = np.zeros(n, np.int32)
     n_classes = np.zeros(n, np.int32)
     categorical = np.zeros((n, slots), bool)
@@ -371,15 +373,40 @@ def sample_tasks(
     config: PriorConfig | None = None,
     *,
     devices: Sequence | None = None,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TaskBatch:
     """Tasks ``start .. start + count - 1`` of corpus ``seed``.
 
     Always returns ``count`` tasks; ``valid[i]`` is False where all attempts failed.
     ``devices`` defaults to all of ``jax.devices()``; the result does not depend on it.
+    ``out``: arrays (X f32[count, rows, max_features], y i32[count, rows]) the tasks'
+    X and y are written into, e.g. shared memory, instead of new ones; the batch holds
+    them.
     """
     config = config or PriorConfig()
     _check_range(seed, start, count)
-    return _collect(_dispatch(seed, start, count, config, _devices(devices)), config)
+    if out is not None:
+        _check_out(out, count, config)
+    return _collect(_dispatch(seed, start, count, config, _devices(devices)), config, out)
+
+
+def _check_out(out: tuple, count: int, config: PriorConfig) -> None:
+    expected = (
+        ((count, config.rows, config.max_features), np.dtype(np.float32)),
+        ((count, config.rows), np.dtype(np.int32)),
+    )
+    if len(out) != 2:
+        raise ValueError(f"out must be (X, y), got {len(out)} arrays")
+    for name, array, (shape, dtype) in zip("Xy", out, expected, strict=True):
+        if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
+            got = (
+                f"{array.dtype}{list(array.shape)}"
+                if isinstance(array, np.ndarray)
+                else type(array).__name__
+            )
+            raise ValueError(f"out {name} must be a numpy {dtype}{list(shape)} array, got {got}")
+        if not array.flags.writeable:
+            raise ValueError(f"out {name} is read-only")
 
 
 def iter_task_batches(

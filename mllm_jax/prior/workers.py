@@ -115,12 +115,12 @@ def _answer(request: tuple, sampler: Any) -> Any:
     if op == "sample":
         seed, start, count, config, path, offset, total = args
         config = PriorConfig.from_dict(config)
-        batch = sampler.sample_tasks(seed, start, count, config)
-        if count:
+        out = None
+        if count:  # X and y go straight into the batch file (an empty file cannot be mapped)
             X, y = _batch_views(np.memmap(path, np.uint8, "r+"), total, config)
-            X[offset : offset + count] = batch.X
-            y[offset : offset + count] = batch.y
-            del X, y  # unmaps the file
+            out = X[offset : offset + count], y[offset : offset + count]
+            del X, y
+        batch = sampler.sample_tasks(seed, start, count, config, out=out)
         meta = {
             name: getattr(batch, name)
             for name in ("n_features", "n_classes", "n_train", "categorical", "family", "valid")

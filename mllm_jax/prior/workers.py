@@ -119,7 +119,6 @@ def _answer(request: tuple, sampler: Any) -> Any:
         if count:  # X and y go straight into the batch file (an empty file cannot be mapped)
             X, y = _batch_views(np.memmap(path, np.uint8, "r+"), total, config)
             out = X[offset : offset + count], y[offset : offset + count]
-            del X, y
         batch = sampler.sample_tasks(seed, start, count, config, out=out)
         meta = {
             name: getattr(batch, name)

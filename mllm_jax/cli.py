@@ -114,8 +114,9 @@ def eval_(
         list[str],
         typer.Option(
             "--data",
-            help="CSV files, directories of CSVs, or scikit-learn names (iris, wine, "
-            "breast_cancer, digits); repeat or comma-separate.",
+            help="CSV files, directories of CSVs, scikit-learn names (iris, wine, "
+            "breast_cancer, digits), or task corpora written by generate (each task a "
+            "table); repeat or comma-separate.",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Output directory; rerunning resumes.")],
@@ -139,6 +140,16 @@ def eval_(
             help="MLLMClassifier options for --model, e.g. 'dtype=bfloat16,n_ensembles=2'."
         ),
     ] = None,
+    permuted_shots: Annotated[
+        bool,
+        typer.Option(
+            help="Also score --model fitted on shot labels shuffled among the shots "
+            "(method <model>_permuted): a model that reads its shots loses accuracy."
+        ),
+    ] = False,
+    max_corpus_tables: Annotated[
+        int | None, typer.Option(help="Tables taken from each task corpus (its first tasks).")
+    ] = None,
 ) -> None:
     """Evaluate baselines (and a model) on real tables: results CSV/JSON, markdown, plots."""
     from mllm_jax.eval.command import USAGE_ERRORS, eval_command
@@ -158,6 +169,8 @@ def eval_(
             fail_fast,
             jobs,
             model_options,
+            permuted_shots,
+            max_corpus_tables,
         )
     except USAGE_ERRORS as error:
         typer.echo(f"error: {error}", err=True)

@@ -240,3 +240,16 @@ def test_default_slot_joins_the_multi_host_job_like_train(monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "1")
     with pytest.raises(DistributedError, match="coordinator address"):
         default_process()
+
+
+def test_eval_reads_a_corpus_as_tables(tmp_path, monkeypatch):
+    from mllm_jax.eval.datasets import resolve_datasets
+
+    run(tmp_path / "corpus")
+    tasks = [decode_task(r) for r in records(tmp_path / "corpus")]
+    tables = resolve_datasets([str(tmp_path / "corpus")], max_corpus_tables=5)
+    assert [t.name for t in tables] == [f"synthetic_3_{t.index}" for t in tasks[:5]]
+    first = tables[0]
+    np.testing.assert_array_equal(first.features.to_numpy(), tasks[0].X.astype(np.float64))
+    np.testing.assert_array_equal(first.classes[first.labels], tasks[0].y)
+    assert len(resolve_datasets([str(tmp_path / "corpus")])) == len(tasks)

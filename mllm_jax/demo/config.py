@@ -139,6 +139,8 @@ class EvalConfig:
         heldout_tables: how many of them are evaluated.
         max_test: at most this many test rows per table (stratified), for time.
         model_options: `MLLMClassifier` options for the exported model.
+        permuted_shots: also score the model fitted on shot labels shuffled among the
+            shots (method `mllm_permuted`): it must lose accuracy if it reads its shots.
     """
 
     shots: list[int] = field(default_factory=lambda: [8, 32, 128])
@@ -149,6 +151,7 @@ class EvalConfig:
     heldout_tables: int = 4
     max_test: int | None = 100
     model_options: dict[str, Any] = field(default_factory=dict)
+    permuted_shots: bool = False
 
     def __post_init__(self) -> None:
         if not self.shots or min(self.shots) < 1:

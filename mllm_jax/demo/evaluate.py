@@ -11,14 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 from rich.console import Console
 
-from mllm_jax.data.tasks import Task
 from mllm_jax.demo.config import EvalConfig
 from mllm_jax.demo.generate import load_corpus_tasks
-from mllm_jax.eval.datasets import Dataset, from_frame
+from mllm_jax.eval.datasets import Dataset, task_table
 
 MODEL_METHOD = "mllm"
 GROUPS = ("real", "synthetic")
@@ -29,24 +26,6 @@ def bundled_tables() -> list[str]:
     from mllm_jax.assets import bundled_datasets
 
     return [str(p) for p in sorted(bundled_datasets().glob("*.csv.gz"))]
-
-
-def task_table(task: Task) -> Dataset:
-    """A synthetic task as an evaluation table: features `x0..`, all of its rows.
-
-    Categorical columns hold integer category codes and stay numeric, as the prompt
-    encoding treats them.
-    """
-    frame = pd.DataFrame(
-        np.asarray(task.X, np.float64), columns=[f"x{j}" for j in range(task.n_features)]
-    )
-    frame["label"] = np.asarray(task.y)
-    return from_frame(
-        frame,
-        "label",
-        name=f"synthetic_{task.seed}_{task.index}",
-        source=f"prior seed {task.seed}, task {task.index}",
-    )
 
 
 def eval_tables(out: Path, config: EvalConfig) -> dict[str, list[Dataset]]:
@@ -71,6 +50,7 @@ def run_eval(out: Path, model_dir: Path, config: EvalConfig, console: Console) -
         model_dir=model_dir,
         model_name=MODEL_METHOD,
         model_options=config.model_options,
+        permuted_shots=config.permuted_shots,
     )
     protocol = Protocol(max_test=config.max_test)
     written = {}

@@ -57,6 +57,8 @@ def eval_command(
     fail_fast: bool = False,
     jobs: int = 1,
     model_options: str | None = None,
+    permuted_shots: bool = False,
+    max_corpus_tables: int | None = None,
 ) -> int:
     """Runs the evaluation; returns the exit status (0 ok, 1 some entries failed)."""
     console = Console(stderr=True)
@@ -72,11 +74,16 @@ def eval_command(
         raise ValueError(f"--protocol must be 'nested' or 'reference', got {protocol!r}")
     method_names = [m.strip() for m in methods.split(",") if m.strip()]
     factories = resolve_methods(
-        method_names, model_dir=model, model_options=parse_options(model_options or "")
+        method_names,
+        model_dir=model,
+        model_options=parse_options(model_options or ""),
+        permuted_shots=permuted_shots,
     )
     shot_counts = parse_int_list(shots, "--shots")
     seed_list = parse_int_list(seeds, "--seeds")
-    datasets = resolve_datasets(split_specs(data), target=target)
+    datasets = resolve_datasets(
+        split_specs(data), target=target, max_corpus_tables=max_corpus_tables
+    )
     for dataset in datasets:
         console.print(dataset.describe())
     summary = run_evaluation(

@@ -68,14 +68,47 @@ def llm_method(model_dir: str | os.PathLike[str], **options: object) -> MethodFa
     return make
 
 
+class PermutedShotLabels:
+    """A classifier fitted on its shots' labels shuffled among the shots.
+
+    The in-context test that cannot be faked: the class counts stay, the link between a
+    shot's features and its label is broken. A model that reads the shots loses accuracy
+    here; one that only counts labels (or ignores the prompt) does not.
+    """
+
+    def __init__(self, base: Classifier, seed: int) -> None:
+        self.base = base
+        self.seed = seed
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray) -> Self:
+        shuffled = np.asarray(y)[np.random.default_rng(self.seed).permutation(len(y))]
+        self.base.fit(X, shuffled)
+        self.classes_ = self.base.classes_
+        return self
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        return self.base.predict_proba(X)
+
+
+def permuted(factory: MethodFactory) -> MethodFactory:
+    """`factory`'s classifiers, fitted on shot labels shuffled among the shots."""
+
+    def make(seed: int) -> Classifier:
+        return PermutedShotLabels(factory(seed), seed)
+
+    return make
+
+
 def resolve_methods(
     names: Sequence[str],
     model_dir: str | os.PathLike[str] | None = None,
     model_name: str = "mllm",
     model_options: Mapping[str, object] | None = None,
+    permuted_shots: bool = False,
 ) -> dict[str, MethodFactory]:
     """Baseline names (see `baselines.BASELINES`) plus the LLM under `model_name` if given
-    (`model_options` go to its constructor)."""
+    (`model_options` go to its constructor), and with `permuted_shots` the LLM again as
+    `<model_name>_permuted`, fitted on shuffled shot labels (`PermutedShotLabels`)."""
     from mllm_jax.eval.baselines import BASELINES
 
     unknown = [name for name in names if name not in BASELINES]
@@ -86,6 +119,10 @@ def resolve_methods(
         if model_name in methods:
             raise ValueError(f"method name {model_name!r} is taken by a baseline")
         methods[model_name] = llm_method(model_dir, **(model_options or {}))
+        if permuted_shots:
+            methods[f"{model_name}_permuted"] = permuted(methods[model_name])
+    elif permuted_shots:
+        raise ValueError("permuted shot labels are a test of the LLM: they need a model")
     if not methods:
         raise ValueError("no methods to evaluate")
     return methods

@@ -14,6 +14,7 @@ from mllm_jax.data.pipeline import (
     restore_iterator_state,
 )
 from mllm_jax.data.tasks import Task, encode_task
+from mllm_jax.encoding.pack import BATCH_KEYS
 from mllm_jax.encoding.prompt import SYSTEM_PROMPT
 from mllm_jax.encoding.sampling import SamplingConfig, TaskEncodingError
 from mllm_jax.encoding.tokens import PromptTokenizer, load_backend_tokenizer
@@ -99,7 +100,7 @@ def test_batches_hold_whole_valid_sequences(shards, fast, backend):
     checked = 0
     for _ in range(3):
         batch = next(it)
-        assert set(batch) == {"input_ids", "targets", "loss_mask", "segment_ids", "positions"}
+        assert set(batch) == set(BATCH_KEYS)
         assert all(v.shape == (2, 4096) for v in batch.values())
         for r, start, stop in segments(batch):
             ids = batch["input_ids"][r, start:stop]
@@ -224,9 +225,9 @@ def test_bad_input_gets_clear_errors(shards, fast, tmp_path):
         build_pipeline(paths, PipelineConfig(SAMPLING, seq_len=4096), seed=-1,
                        process_index=0, process_count=1, tokenizer=fast)  # fmt: skip
 
-    tight = SamplingConfig(min_shots=8, max_shots=64, max_queries=10, token_budget=600)
-    with pytest.raises(TaskEncodingError, match="over the token budget of 600"):
-        next(iter(pipeline(shards, fast, sampling=tight, seq_len=600)))
+    hopeless = SamplingConfig(min_shots=8, max_shots=64, max_queries=10, token_budget=300)
+    with pytest.raises(TaskEncodingError, match="in a row fit no sequence .* budget 300"):
+        next(iter(pipeline(shards, fast, sampling=hopeless, seq_len=300)))
 
     from mllm_jax.encoding.sequence import TaskSequenceEncoder
 
@@ -268,3 +269,36 @@ def test_worker_processes_resume_exactly(shards, fast):
     resumed.close()
     assert_same_batches(got, tail)
     assert head
+
+
+def test_over_budget_tasks_draw_fewer_queries_or_are_skipped(shards, fast, caplog):
+    """A task over the budget with min_shots keeps fewer queries; one that does not fit
+    even with one query is skipped with a warning naming it; the run goes on."""
+    _, tasks = shards
+    tight = SamplingConfig(min_shots=8, max_shots=64, max_queries=10, token_budget=600)
+    from mllm_jax.encoding.sequence import TaskSequenceEncoder
+
+    encoder = TaskSequenceEncoder(fast, tight)
+    fitted = encoder(tasks[8], np.random.default_rng(0))  # 10 queries do not fit
+    assert 1 <= fitted.n_queries < 10 and len(fitted.ids) <= 600
+    with pytest.raises(TaskEncodingError, match="over the token budget of 600"):
+        encoder(tasks[4 + N_TASKS], np.random.default_rng(0))
+
+    it = iter(pipeline(shards, fast, sampling=tight, seq_len=600))
+    for _ in range(3):
+        batch = next(it)
+        assert batch["loss_mask"].any(axis=1).all()
+    assert "skipped a task that fits no training sequence" in caplog.text
+
+
+def test_token_kinds_mark_query_and_shot_labels(shards, fast):
+    batch = next(iter(pipeline(shards, fast)))
+    kind, targets = batch["token_kind"], batch["targets"]
+    digits = set(fast.digit_ids.tolist())
+    assert ((kind == 1) | (kind == 2)).tolist() == batch["loss_mask"].tolist()
+    assert set(targets[kind == 2].tolist()) <= digits
+    assert set(targets[kind == 3].tolist()) <= digits
+    for r, start, stop in segments(batch):
+        row_kind = kind[r, start:stop]
+        # every answered row has its label, every shot row its label (single digits here)
+        assert (row_kind == 2).sum() >= 1 and (row_kind == 3).sum() >= 8

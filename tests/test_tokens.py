@@ -1,5 +1,7 @@
 """The tokenizer, our chat template, and the fast id path against ``tokenizer(text)``."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,8 +10,10 @@ from mllm_jax.encoding import build_prompt
 from mllm_jax.encoding.segments import Grid
 from mllm_jax.encoding.tokens import (
     IM_END,
+    QWEN2_DIGIT_IDS,
     QWEN25_CHAT_TEMPLATE,
     PromptTokenizer,
+    TokenKind,
     load_tokenizer,
     render_chat,
 )
@@ -99,6 +103,31 @@ def check_prompts(tokenizer, fast, seed: int, count: int):
             assert encoded.ids[where[-1]] == fast.im_end_id and where[-1] == len(encoded) - 2
         else:
             assert not encoded.answer_mask.any()
+        check_token_kinds(tokenizer, encoded, messages)
+
+
+def check_token_kinds(tokenizer, encoded, messages):
+    """Label tokens spell the answer's labels; shot-label tokens the training rows' labels
+    (concat style with all-number rows); frame tokens are the rest of the answer."""
+    kind = encoded.token_kind
+    assert kind.shape == encoded.ids.shape
+    assert ((kind == TokenKind.FRAME) | (kind == TokenKind.LABEL)).tolist() == (
+        encoded.answer_mask.tolist()
+    )
+    if len(messages) == 3:
+        labels = [str(r["label"]) for r in json.loads(messages[2]["content"])]
+        assert tokenizer.decode(encoded.ids[kind == TokenKind.LABEL]) == "".join(labels)
+    user = messages[1]["content"]
+    rows = user.split("rows:  \n", 1)[1].split("\n\n[Test set]", 1)[0].split("\n")
+    shot_labels = "".join(row.rsplit("|", 1)[1] for row in rows if "|" in row)
+    decoded = tokenizer.decode(encoded.ids[kind == TokenKind.SHOT_LABEL])
+    grid = "Label is" not in user and all(r.rsplit("|", 1)[0].replace(",", "").isdigit()
+                                          for r in rows)  # fmt: skip
+    assert decoded == (shot_labels if grid else "")
+
+
+def test_qwen2_digit_ids_are_the_tokenizers(fast):
+    assert tuple(fast.digit_ids.tolist()) == QWEN2_DIGIT_IDS
 
 
 def test_fast_path_equals_tokenizer_on_random_prompts(tokenizer, fast):

@@ -54,7 +54,7 @@ def bench_tokens(args: argparse.Namespace, tokenizer, fast: PromptTokenizer) -> 
     for i in range(args.prompts):
         task = synthetic_task(rng, i)
         shots, queries = select_rows(task, rng, config)
-        _, n_shots = encoder.fit_to_budget(task, shots, queries)
+        _, n_shots, _ = encoder.fit_to_budget(task, shots, queries)
         prompts.append(task_prompt(task, shots[:n_shots], queries, config))
     texts = [render_chat(p.messages()) for p in prompts]
 

@@ -17,6 +17,7 @@ batches the uninterrupted one would have. Changing ``worker_count`` changes the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,9 +29,11 @@ import numpy as np
 
 from mllm_jax.data.tasks import decode_task
 from mllm_jax.encoding.pack import pack_dataset, sequence_features
-from mllm_jax.encoding.sampling import SamplingConfig
+from mllm_jax.encoding.sampling import OverBudgetError, SamplingConfig, TaskEncodingError
 from mllm_jax.encoding.sequence import TaskSequenceEncoder
 from mllm_jax.encoding.tokens import PromptTokenizer, load_backend_tokenizer
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,10 @@ class EncodeTaskRecord:
     """(index, task record bytes) -> packable sequence arrays; picklable for workers.
 
     The RNG of element ``index`` is seeded by (seed, epoch, task.seed, task.index), with
-    epoch = index // tasks per epoch on this host.
+    epoch = index // tasks per epoch on this host. A task that cannot fit the token budget
+    even with ``min_shots`` shots and one query gives None (dropped by the pipeline with a
+    warning naming it), so one long task never stops a training run; a whole epoch's
+    worth of such tasks in a row is an error (the budget fits no task).
     """
 
     def __init__(
@@ -90,15 +96,31 @@ class EncodeTaskRecord:
         self.encoder = TaskSequenceEncoder(tokenizer, sampling)
         self.seed = seed
         self.epoch_length = epoch_length
+        self.skipped_in_a_row = 0
 
     def rng(self, index: int, task_seed: int, task_index: int) -> np.random.Generator:
         epoch = index // self.epoch_length
         return np.random.default_rng([self.seed, epoch, task_seed, task_index])
 
-    def __call__(self, index: int, record: bytes) -> dict[str, np.ndarray]:
+    def __call__(self, index: int, record: bytes) -> dict[str, np.ndarray] | None:
         task = decode_task(record)
-        sequence = self.encoder(task, self.rng(index, task.seed, task.index))
+        try:
+            sequence = self.encoder(task, self.rng(index, task.seed, task.index))
+        except OverBudgetError as err:
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row >= self.epoch_length:
+                raise TaskEncodingError(
+                    f"{self.skipped_in_a_row} tasks in a row fit no sequence of the token "
+                    f"budget {self.encoder.config.token_budget} (the last: {err})"
+                ) from err
+            _log.warning("skipped a task that fits no training sequence: %s", err)
+            return None
+        self.skipped_in_a_row = 0
         return sequence_features(sequence, self.encoder.tokenizer.pad_id)
+
+
+def _is_sequence(element: dict[str, np.ndarray] | None) -> bool:
+    return element is not None
 
 
 def _process_slot(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -164,11 +186,13 @@ def build_pipeline(
         tasks = tasks.shuffle(seed=seed)
     epoch_length = len(tasks)
     tasks = tasks.repeat(config.num_epochs)
-    sequences = tasks.map_with_index(
-        EncodeTaskRecord(tokenizer, config.sampling, seed, epoch_length)
-    ).to_iter_dataset(
-        grain.ReadOptions(
-            num_threads=config.read_threads, prefetch_buffer_size=2 * config.read_threads
+    sequences = (
+        tasks.map_with_index(EncodeTaskRecord(tokenizer, config.sampling, seed, epoch_length))
+        .filter(_is_sequence)
+        .to_iter_dataset(
+            grain.ReadOptions(
+                num_threads=config.read_threads, prefetch_buffer_size=2 * config.read_threads
+            )
         )
     )
     rows = pack_dataset(

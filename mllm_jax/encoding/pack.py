@@ -8,6 +8,8 @@ The training batch format (what the trainer consumes), a dict of numpy arrays, e
   none (a segment's last token, padding).
 - ``loss_mask`` bool: True where ``targets[t]`` is an answer token (the JSON answer and
   its closing ``<|im_end|>``).
+- ``token_kind`` i32: the ``tokens.TokenKind`` of ``targets[t]`` (0 prompt or padding,
+  1 answer frame, 2 answer label, 3 shot label), for label-only losses and metrics.
 - ``segment_ids`` i32: 1, 2, ... per packed sequence in the row, 0 on padding.
 - ``positions`` i32: 0, 1, ... restarting in every segment (0 on padding).
 
@@ -25,8 +27,8 @@ import numpy as np
 
 from mllm_jax.encoding.sequence import TrainingSequence
 
-BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
-_PACKED = ("input_ids", "targets", "loss_mask")
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "token_kind", "segment_ids", "positions")
+_PACKED = ("input_ids", "targets", "loss_mask", "token_kind")
 
 
 def sequence_features(sequence: TrainingSequence, pad_id: int) -> dict[str, np.ndarray]:
@@ -34,7 +36,9 @@ def sequence_features(sequence: TrainingSequence, pad_id: int) -> dict[str, np.n
 
     Returns:
         ``input_ids`` i32[length], ``targets`` i32[length] (input shifted left by one, the
-        last entry ``pad_id``), ``loss_mask`` bool[length] (the answer mask shifted left).
+        last entry ``pad_id``), ``loss_mask`` bool[length] (the answer mask shifted left),
+        ``token_kind`` i8[length] (the token kinds shifted left; from the answer mask when
+        the sequence has none).
     """
     ids = np.asarray(sequence.ids, dtype=np.int32)
     targets = np.empty_like(ids)
@@ -42,7 +46,12 @@ def sequence_features(sequence: TrainingSequence, pad_id: int) -> dict[str, np.n
     targets[-1] = pad_id
     loss_mask = np.zeros(len(ids), dtype=bool)
     loss_mask[:-1] = np.asarray(sequence.answer_mask, dtype=bool)[1:]
-    return {"input_ids": ids, "targets": targets, "loss_mask": loss_mask}
+    kind = sequence.token_kind
+    if kind is None:
+        kind = np.asarray(sequence.answer_mask, dtype=np.int8)
+    token_kind = np.zeros(len(ids), dtype=np.int8)
+    token_kind[:-1] = np.asarray(kind, dtype=np.int8)[1:]
+    return {"input_ids": ids, "targets": targets, "loss_mask": loss_mask, "token_kind": token_kind}
 
 
 class _ToTrainingRow:
@@ -53,6 +62,7 @@ class _ToTrainingRow:
             "input_ids": packed["input_ids"].astype(np.int32, copy=False),
             "targets": packed["targets"].astype(np.int32, copy=False),
             "loss_mask": packed["loss_mask"].astype(bool, copy=False),
+            "token_kind": packed["token_kind"].astype(np.int32, copy=False),
             "segment_ids": packed["input_ids_segment_ids"].astype(np.int32, copy=False),
             "positions": packed["input_ids_positions"].astype(np.int32, copy=False),
         }
@@ -84,7 +94,12 @@ def pack_dataset(
         num_packing_bins=num_packing_bins,
         seed=seed,
         shuffle_bins=True,
-        padding_struct={"input_ids": pad_id, "targets": pad_id, "loss_mask": False},
+        padding_struct={
+            "input_ids": pad_id,
+            "targets": pad_id,
+            "loss_mask": False,
+            "token_kind": 0,
+        },
     )
     return packed.map(_ToTrainingRow())
 

@@ -25,6 +25,10 @@ class TaskEncodingError(ValueError):
     """A task cannot become a training sequence; the message names the task."""
 
 
+class OverBudgetError(TaskEncodingError):
+    """A task needs more tokens than the budget even with the fewest shots and one query."""
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How a task becomes one training sequence.
@@ -40,6 +44,9 @@ class SamplingConfig:
             warm-up stage); tasks without a mask use all rows.
         clip_max: upper clip of the encoded numbers (None = reference, 999 = paper).
         max_classes: refuse tasks whose shots show more classes than this.
+        permute_labels: give the task's classes a fresh random order in every prompt
+            (the prior already relabels each task once; this makes a task seen again in
+            another epoch show other label ids, so no label bias can be memorised).
     """
 
     min_shots: int = 8
@@ -50,6 +57,7 @@ class SamplingConfig:
     consensus_only: bool = False
     clip_max: int | None = None
     max_classes: int = MAX_CLASSES
+    permute_labels: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_shots <= self.max_shots:

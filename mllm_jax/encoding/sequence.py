@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from mllm_jax.data.tasks import Task
 from mllm_jax.encoding.prompt import SYSTEM_PROMPT, Prompt, answer_segments, user_segments
-from mllm_jax.encoding.sampling import SamplingConfig, TaskEncodingError, select_rows
+from mllm_jax.encoding.sampling import (
+    OverBudgetError,
+    SamplingConfig,
+    TaskEncodingError,
+    select_rows,
+)
 from mllm_jax.encoding.segments import Grid
 from mllm_jax.encoding.table import numeric_features
 from mllm_jax.encoding.tokens import EncodedPrompt, PromptTokenizer
@@ -24,12 +30,15 @@ class TrainingSequence:
             ``<|im_end|>`` (the tokens the loss is computed on).
         n_shots: training rows shown.
         n_queries: rows answered.
+        token_kind: i8[length] ``tokens.TokenKind`` of every token (frame, label, shot
+            label); None for sequences built without it.
     """
 
     ids: np.ndarray
     answer_mask: np.ndarray
     n_shots: int
     n_queries: int
+    token_kind: np.ndarray | None = None
 
 
 def task_prompt(
@@ -52,7 +61,8 @@ class TaskSequenceEncoder:
     Draws shots and queries (``sampling.select_rows``), encodes, tokenizes with the fast
     path; when the sequence is over budget, drops shots from the end (estimating how many
     from the row lengths, then re-encoding, since the statistics change) down to
-    ``min_shots``. Still over budget there: :class:`TaskEncodingError`.
+    ``min_shots``, then halves the queries. Over budget with one query:
+    :class:`OverBudgetError`.
     """
 
     def __init__(self, tokenizer: PromptTokenizer, config: SamplingConfig) -> None:
@@ -61,8 +71,21 @@ class TaskSequenceEncoder:
 
     def fit_to_budget(
         self, task: Task, shots: np.ndarray, queries: np.ndarray
+    ) -> tuple[EncodedPrompt, int, int]:
+        """Encodes with the longest prefix of ``shots`` that fits, and if even ``min_shots``
+        do not, with fewer queries; returns (ids, n_shots, n_queries)."""
+        while True:
+            try:
+                encoded, n_shots = self._fit_shots(task, shots, queries)
+                return encoded, n_shots, len(queries)
+            except OverBudgetError:
+                if len(queries) == 1:
+                    raise
+                queries = queries[: len(queries) // 2]
+
+    def _fit_shots(
+        self, task: Task, shots: np.ndarray, queries: np.ndarray
     ) -> tuple[EncodedPrompt, int]:
-        """Encodes with the longest prefix of ``shots`` that fits; returns (ids, n_shots)."""
         budget = self.config.token_budget
         floor = min(self.config.min_shots, len(shots))
         n_shots = len(shots)
@@ -78,7 +101,7 @@ class TaskSequenceEncoder:
             if over <= 0:
                 return encoded, n_shots
             if n_shots <= floor:
-                raise TaskEncodingError(
+                raise OverBudgetError(
                     f"task (seed={task.seed}, index={task.index}) needs {len(encoded)} tokens "
                     f"with {n_shots} shots, {len(queries)} queries and {task.n_features} "
                     f"features, over the token budget of {budget}"
@@ -90,5 +113,11 @@ class TaskSequenceEncoder:
 
     def __call__(self, task: Task, rng: np.random.Generator) -> TrainingSequence:
         shots, queries = select_rows(task, rng, self.config)
-        encoded, n_shots = self.fit_to_budget(task, shots, queries)
-        return TrainingSequence(encoded.ids, encoded.answer_mask, n_shots, len(queries))
+        if self.config.permute_labels:
+            y = np.asarray(task.y)
+            order = rng.permutation(max(int(task.n_classes), int(y.max(initial=0)) + 1))
+            task = dataclasses.replace(task, y=order[y].astype(y.dtype))
+        encoded, n_shots, n_queries = self.fit_to_budget(task, shots, queries)
+        return TrainingSequence(
+            encoded.ids, encoded.answer_mask, n_shots, n_queries, encoded.token_kind
+        )

@@ -22,8 +22,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
 QWEN25_LAST_ADDED_ID = 151664
 """Qwen2.5's last added token (``<|file_sep|>``); higher ids are Qwen3-only."""
+QWEN2_DIGIT_IDS = tuple(range(15, 25))
+"""Qwen2/2.5's token ids of '0'..'9' (the label tokens of classes 0-9)."""
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 QWEN25_CHAT_TEMPLATE = (
@@ -132,6 +135,19 @@ def render_chat(messages: Sequence[Mapping[str, str]], add_generation_prompt: bo
     return "".join(parts)
 
 
+class TokenKind(IntEnum):
+    """What a token of an encoded prompt is, for loss masks and label-only metrics.
+
+    A learning metric must not be mostly format: the JSON frame of the answer is learned
+    in a few hundred steps, the labels are what in-context learning is about.
+    """
+
+    PROMPT = 0  # system, instructions, table cells, query rows
+    FRAME = 1  # answer tokens that are not a label: '[{"id": 0, "label": ', '}]', <|im_end|>
+    LABEL = 2  # the digits of a query's label in the answer
+    SHOT_LABEL = 3  # the digits of a shot's label in the training rows
+
+
 @dataclass(frozen=True)
 class EncodedPrompt:
     """Token ids of one chat prompt.
@@ -140,10 +156,13 @@ class EncodedPrompt:
         ids: i32[length] token ids of the rendered chat (ends ``<|im_end|>\\n`` when the
             answer is included, ``<|im_start|>assistant\\n`` otherwise).
         answer_mask: bool[length], True on the answer tokens and its closing ``<|im_end|>``.
+        token_kind: i8[length] :class:`TokenKind` of every token (shot labels are marked
+            only for the concat style's all-number grid, the prompts training uses).
     """
 
     ids: np.ndarray
     answer_mask: np.ndarray
+    token_kind: np.ndarray
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -277,18 +296,34 @@ class PromptTokenizer:
         lengths[-1] -= sep_len[-1]
         return lengths
 
-    def grid_ids(self, grid: Grid) -> np.ndarray:
-        """i32[n] ids of ``grid.render()``, laid out with vectorised numpy."""
+    def _grid_layout(
+        self, grid: Grid
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
+        """(values i64[rows, cols], digit counts i64[rows, cols], separator ids per column,
+        cell start offsets i64[rows * cols]) of a grid's tokens."""
         values = np.asarray(grid.values, dtype=np.int64)
-        n_rows, n_cols = values.shape
         seps = self._separator_ids(grid)
         sep_len = np.array([len(s) for s in seps], dtype=np.int64)
         n_digits = self._digit_counts(values)
         cell_len = n_digits + sep_len[None, :]
         cell_len[-1, -1] -= sep_len[-1]
         ends = np.cumsum(cell_len.ravel())
-        starts = ends - cell_len.ravel()
-        out = np.empty(int(ends[-1]), dtype=np.int32)
+        return values, n_digits, seps, ends - cell_len.ravel()
+
+    def grid_column_positions(self, grid: Grid, column: int) -> np.ndarray:
+        """i64[n] offsets, within ``grid_ids(grid)``, of every digit of ``column``'s cells."""
+        values, n_digits, _, starts = self._grid_layout(grid)
+        starts = starts.reshape(values.shape)[:, column]
+        widths = n_digits[:, column]
+        return np.repeat(starts, widths) + (
+            np.arange(int(widths.sum())) - np.repeat(np.cumsum(widths) - widths, widths)
+        )
+
+    def grid_ids(self, grid: Grid) -> np.ndarray:
+        """i32[n] ids of ``grid.render()``, laid out with vectorised numpy."""
+        values, n_digits, seps, starts = self._grid_layout(grid)
+        n_rows, n_cols = values.shape
+        out = np.empty(int(starts[-1] + n_digits[-1, -1]), dtype=np.int32)
 
         flat_values = values.ravel()
         flat_digits = n_digits.ravel()
@@ -315,6 +350,13 @@ class PromptTokenizer:
 
     def segment_ids(self, segments: Iterable[Segment]) -> np.ndarray:
         """i32[n] ids of the concatenated segments (adjacent text is merged first)."""
+        chunks = [ids for _, ids in self._segment_chunks(segments)]
+        if not chunks:
+            return np.zeros(0, dtype=np.int32)
+        return np.concatenate(chunks)
+
+    def _segment_chunks(self, segments: Iterable[Segment]) -> list[tuple[Segment, np.ndarray]]:
+        """(segment, its ids) of the segments with adjacent text merged."""
         merged: list[Segment] = []
         for seg in segments:
             if isinstance(seg, str):
@@ -324,18 +366,28 @@ class PromptTokenizer:
                     merged[-1] = merged[-1] + seg
                     continue
             merged.append(seg)
-        chunks = []
+        chunks: list[tuple[Segment, np.ndarray]] = []
         for k, seg in enumerate(merged):
             if isinstance(seg, str):
                 before_grid = k + 1 < len(merged) and isinstance(merged[k + 1], Grid)
-                chunks.append(self.text_ids(seg, followed_by_digit=before_grid))
+                ids = self.text_ids(seg, followed_by_digit=before_grid)
             elif isinstance(seg, Grid):
-                chunks.append(self.grid_ids(seg))
+                ids = self.grid_ids(seg)
             else:
-                chunks.append(np.array([self._special_id(seg.token)], dtype=np.int32))
-        if not chunks:
-            return np.zeros(0, dtype=np.int32)
-        return np.concatenate(chunks)
+                ids = np.array([self._special_id(seg.token)], dtype=np.int32)
+            chunks.append((seg, ids))
+        return chunks
+
+    def _label_positions(
+        self, chunks: list[tuple[Segment, np.ndarray]], is_labels: Callable[[Grid], bool]
+    ) -> np.ndarray:
+        """i64[n] offsets of the last-column digits of every grid chunk ``is_labels`` picks."""
+        out, offset = [], 0
+        for seg, ids in chunks:
+            if isinstance(seg, Grid) and is_labels(seg):
+                out.append(offset + self.grid_column_positions(seg, seg.values.shape[1] - 1))
+            offset += len(ids)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def _prompt_segments(self, system: str | None, user: Sequence[Segment]) -> list[Segment]:
         head: list[Segment] = [Special(IM_START)]
@@ -346,16 +398,29 @@ class PromptTokenizer:
 
     def encode(self, prompt: Prompt) -> EncodedPrompt:
         """Ids of ``render_chat(prompt.messages())`` (with the generation prompt when the
-        prompt has no answer), and the answer mask."""
-        prompt_ids = self.segment_ids(self._prompt_segments(prompt.system, prompt.user))
+        prompt has no answer), the answer mask and every token's :class:`TokenKind`."""
+        prompt_chunks = self._segment_chunks(self._prompt_segments(prompt.system, prompt.user))
+        prompt_ids = np.concatenate([ids for _, ids in prompt_chunks])
+        # The training rows are the grid whose label column follows a "|" (concat style).
+        shots = self._label_positions(
+            prompt_chunks, lambda g: len(g.separators) > 1 and g.separators[-2] == "|"
+        )
         if prompt.answer is None:
-            return EncodedPrompt(prompt_ids, np.zeros(len(prompt_ids), dtype=bool))
-        answer_ids = self.segment_ids([*prompt.answer, Special(IM_END)])
+            kind = np.zeros(len(prompt_ids), dtype=np.int8)
+            kind[shots] = TokenKind.SHOT_LABEL
+            return EncodedPrompt(prompt_ids, np.zeros(len(prompt_ids), dtype=bool), kind)
+        answer_chunks = self._segment_chunks([*prompt.answer, Special(IM_END)])
+        answer_ids = np.concatenate([ids for _, ids in answer_chunks])
         newline = self.text_ids("\n")
         ids = np.concatenate([prompt_ids, answer_ids, newline])
         mask = np.zeros(len(ids), dtype=bool)
         mask[len(prompt_ids) : len(prompt_ids) + len(answer_ids)] = True
-        return EncodedPrompt(ids, mask)
+        kind = mask.astype(np.int8)  # FRAME on the whole answer, then its labels
+        kind[shots] = TokenKind.SHOT_LABEL
+        kind[len(prompt_ids) + self._label_positions(answer_chunks, lambda g: True)] = (
+            TokenKind.LABEL
+        )
+        return EncodedPrompt(ids, mask, kind)
 
     def chat_ids(
         self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False

@@ -329,6 +329,24 @@ class Qwen2ForCausalLM(nnx.Module):
             return self.embed_tokens.attend(hidden)
         return self.lm_head(hidden, out_dtype=jnp.float32)
 
+    def logits_for(self, hidden: jax.Array, token_ids: tuple[int, ...]) -> jax.Array:
+        """The LM head's logits of a few tokens only: hidden [..., embed] (final-normed)
+        -> f32[..., len(token_ids)], equal to `logits(hidden)[..., token_ids]`."""
+        ids = jnp.asarray(token_ids, jnp.int32)
+        if self.lm_head is None:
+            rows = self.embed_tokens.embedding[...][ids]  # [n, embed]
+        else:
+            if self.lm_head.lora is not None or self.lm_head.bias is not None:
+                raise ValueError("logits_for supports a plain LM head (no adapter, no bias)")
+            rows = self.lm_head.kernel[...][:, ids].T
+        dtype = self.embed_tokens.compute_dtype
+        return jnp.einsum(
+            "...e,ne->...n",
+            hidden.astype(dtype),
+            rows.astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
+
 
 def init_model(
     config: Qwen2Config,

@@ -2,7 +2,9 @@
 
 A batch is a dict of numpy arrays, each [batch, seq_len] (`mllm_jax.encoding.pack`):
 `input_ids` i32, `targets` i32 (next token within the segment), `loss_mask` bool (True
-where `targets[t]` is an answer token), `segment_ids` i32 (0 = padding), `positions` i32.
+where `targets[t]` is an answer token), `segment_ids` i32 (0 = padding), `positions` i32,
+and optionally `token_kind` i8 (`TokenKind` of `targets[t]`: 1 frame, 2 label, 3 shot
+label; without it every answer token counts as frame).
 One optimizer step consumes `grad_accum` such batches, stacked to [grad_accum, batch, seq].
 """
 
@@ -16,7 +18,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+REQUIRED_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+BATCH_KEYS = (*REQUIRED_KEYS, "token_kind")
+SHOT_LABEL = 3  # encoding.tokens.TokenKind.SHOT_LABEL
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -36,12 +40,16 @@ class BatchStats:
     real_tokens: int  # slots holding a sequence
     answer_tokens: int
     attention_pairs: int  # sum over segments of n(n+1)/2: causal (query, key) pairs
+    shot_labels: int = 0  # most shot-label tokens in one row
 
     def __add__(self, other: BatchStats) -> BatchStats:
-        return BatchStats(*(a + b for a, b in zip(self._values(), other._values(), strict=True)))
-
-    def _values(self) -> tuple[int, int, int, int]:
-        return (self.tokens, self.real_tokens, self.answer_tokens, self.attention_pairs)
+        return BatchStats(
+            self.tokens + other.tokens,
+            self.real_tokens + other.real_tokens,
+            self.answer_tokens + other.answer_tokens,
+            self.attention_pairs + other.attention_pairs,
+            max(self.shot_labels, other.shot_labels),
+        )
 
 
 def check_batch(
@@ -59,10 +67,15 @@ def check_batch(
     """
     if not isinstance(batch, Mapping):
         raise BatchError(f"{where}: expected a dict of arrays, got {type(batch).__name__}")
-    missing = [k for k in BATCH_KEYS if k not in batch]
+    missing = [k for k in REQUIRED_KEYS if k not in batch]
     if missing:
         raise BatchError(f"{where}: batch lacks {missing} (has {sorted(batch)})")
-    arrays = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
+    arrays = {k: np.asarray(batch[k]) for k in REQUIRED_KEYS}
+    arrays["token_kind"] = (
+        np.asarray(batch["token_kind"])
+        if "token_kind" in batch
+        else np.asarray(batch["loss_mask"]).astype(np.int8)
+    )
     want = shape or arrays["input_ids"].shape
     for key, value in arrays.items():
         if value.ndim != 2 or value.shape != tuple(want):
@@ -74,6 +87,9 @@ def check_batch(
                 raise BatchError(f"{where}: loss_mask has dtype {value.dtype}, expected bool")
         elif not np.issubdtype(value.dtype, np.integer):
             raise BatchError(f"{where}: {key} has dtype {value.dtype}, expected int32")
+    kind = arrays["token_kind"]
+    if kind.size and (kind.min() < 0 or kind.max() > SHOT_LABEL):
+        raise BatchError(f"{where}: token_kind holds values outside 0..{SHOT_LABEL}")
     for key in ("input_ids", "targets"):
         ids = arrays[key]
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
@@ -98,6 +114,7 @@ def check_batch(
         real_tokens=int((segments > 0).sum()),
         answer_tokens=int(per_row.sum()),
         attention_pairs=_attention_pairs(segments),
+        shot_labels=int((kind == SHOT_LABEL).sum(axis=1).max(initial=0)),
     )
 
 

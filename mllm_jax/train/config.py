@@ -161,6 +161,32 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class ShotLabelConfig:
+    """The shot-label auxiliary loss (off by default: the paper trains on answers only).
+
+    Every shot's label token is predicted from its features and the shots before it,
+    scored among the label candidates only (`label_token_ids`, the digits). This gives a
+    label signal per shot instead of per query: the in-context curve itself.
+
+    Attributes:
+        weight: the term's weight beside the answer loss (0: not trained on; its numbers
+            are still measured in validation).
+        max_per_row: shot-label slots scored per batch row (static; more are cut).
+        label_token_ids: the label candidates; None = Qwen2's digit tokens '0'..'9'.
+    """
+
+    weight: float = 0.0
+    max_per_row: int = 256
+    label_token_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"shot_labels.weight must be >= 0, got {self.weight}")
+        if self.max_per_row < 1:
+            raise ValueError(f"shot_labels.max_per_row must be >= 1, got {self.max_per_row}")
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     """Mesh sizes (one may be -1: the remaining devices)."""
 
@@ -217,6 +243,7 @@ class TrainConfig:
             (`mllm_jax.model.remat`).
         rules: logical axis -> mesh axes overrides of `ShardingRules.default()`.
         lora: adapter rank, alpha, dropout and target patterns (mode "lora").
+        shot_labels: the shot-label auxiliary loss (off by default).
         seed: PRNG seed of the adapter init, the step keys (dropout), everything not data.
     """
 
@@ -234,6 +261,7 @@ class TrainConfig:
     remat: RematPolicy = "full"
     grad_accum: int = 1
     max_answer_tokens: int = 256
+    shot_labels: ShotLabelConfig = field(default_factory=ShotLabelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0

@@ -37,6 +37,7 @@ from flax import nnx
 from rich.console import Console
 
 from mllm_jax.config import load_config, save_config, to_dict
+from mllm_jax.encoding.tokens import QWEN2_DIGIT_IDS
 from mllm_jax.model import Qwen2ForCausalLM, init_model, load_hf, preset, save_hf
 from mllm_jax.model.config import Qwen2Config
 from mllm_jax.train import distributed, flops
@@ -57,6 +58,7 @@ from mllm_jax.train.data import (
     restore_positions,
 )
 from mllm_jax.train.interrupt import StopOnInterrupt
+from mllm_jax.train.label_metrics import label_metrics, label_slots
 from mllm_jax.train.mesh import ShardingRules, make_mesh
 from mllm_jax.train.metrics import MetricsLog, is_main_process, progress_bar
 from mllm_jax.train.optim import learning_rate, make_optimizer
@@ -67,7 +69,7 @@ from mllm_jax.train.state import (
     optimizer_shardings,
     split_model,
 )
-from mllm_jax.train.step import make_eval_step, make_train_step
+from mllm_jax.train.step import ShotLabels, make_eval_step, make_train_step, sums_metrics
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -237,20 +239,39 @@ class _Validation:
         if self.stats.answer_tokens == 0:
             raise BatchError("validation: the held-out batches hold no answer tokens")
         self.device_batch = to_device(self.batch, mesh)
-        self.step = make_eval_step(split, mesh, budget=config.max_answer_tokens)
+        shots = shot_labels(config)
+        self.slots = label_slots(self.batch, config.max_answer_tokens, shots.candidates)
+        self.step = make_eval_step(split, mesh, budget=config.max_answer_tokens, shots=shots)
 
-    def __call__(self, split: SplitModel) -> dict[str, float]:
-        sums = jax.device_get(
+    def __call__(self, split: SplitModel) -> dict[str, Any]:
+        sums, slots = jax.device_get(
             self.step(split.trainable, split.rngs, split.frozen, self.device_batch)
         )
-        return {
+        means = sums_metrics(sums)
+        out: dict[str, Any] = {
             "val_loss": float(sums.loss / sums.tokens),
             "val_accuracy": float(sums.correct / sums.tokens),
             "val_answer_tokens": int(sums.tokens),
+            "val_frame_loss": float(means["frame_loss"]),
+            "val_shot_label_loss": float(means["shot_label_loss"]),
+            "val_shot_label_accuracy": float(means["shot_label_accuracy"]),
         }
+        labels = label_metrics(self.slots, slots["logits"])
+        out.update({f"val_{k}": v for k, v in labels.items()})
+        return out
 
 
 # ------------------------------------------------------------------------------ train
+
+
+_LABEL_KEYS = (
+    "frame_loss",
+    "frame_accuracy",
+    "label_loss",
+    "label_accuracy",
+    "shot_label_loss",
+    "shot_label_accuracy",
+)
 
 
 class _Throughput:
@@ -403,6 +424,7 @@ class _Run:
             budget=config.max_answer_tokens,
             remat=config.remat,
             rules=self.rules,
+            shots=shot_labels(config) if config.shot_labels.weight > 0 else None,
         )
         self.log = MetricsLog(self.run_dir / METRICS_FILE, resume_step=self.done)
         self.history: list[dict[str, Any]] = []
@@ -553,6 +575,7 @@ class _Run:
                     "lr": lr,
                     "answer_tokens": int(values["answer_tokens"]),
                     "tokens": int(tokens),
+                    **{k: values[k] for k in _LABEL_KEYS},
                 }
                 if first:
                     entry["first_step_s"] = round(compile_s, 3)
@@ -606,6 +629,16 @@ class _Run:
                 self.split.rngs,
                 self.meta_for(stage, data_states=None),
             )
+
+
+def shot_labels(config: TrainConfig) -> ShotLabels:
+    """The shot-label loss settings of a run (label candidates default to Qwen2's digits)."""
+    ids = config.shot_labels.label_token_ids
+    return ShotLabels(
+        weight=config.shot_labels.weight,
+        budget=config.shot_labels.max_per_row,
+        candidates=tuple(QWEN2_DIGIT_IDS if ids is None else ids),
+    )
 
 
 def _sum_over_processes(*values: float) -> list[float]:

@@ -9,19 +9,43 @@ guarantees no row has more than `budget` answer tokens (`batches.check_batch`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+N_KINDS = 4  # encoding.tokens.TokenKind: prompt, frame, label, shot label
+SHOT_LABEL = 3
+
 
 class AnswerSums(NamedTuple):
-    """Sums over the answer tokens of a batch (divide by `tokens` for means)."""
+    """Sums over the answer tokens of a batch (divide by `tokens` for means).
+
+    `kind_*` split the same sums by the `TokenKind` of the target (index 1 frame, 2 label),
+    so label-only numbers are never hidden by the JSON frame. `shot_*` are over the shots'
+    label tokens, scored among the label candidates only (see `shot_label_sums`).
+    """
 
     loss: jax.Array  # f32[]: summed cross-entropy
     tokens: jax.Array  # f32[]: number of answer tokens
     correct: jax.Array  # f32[]: answer tokens whose argmax is the target
+    kind_loss: jax.Array  # f32[N_KINDS]
+    kind_tokens: jax.Array  # f32[N_KINDS]
+    kind_correct: jax.Array  # f32[N_KINDS]
+    shot_loss: jax.Array  # f32[]
+    shot_tokens: jax.Array  # f32[]
+    shot_correct: jax.Array  # f32[]
+
+
+def zero_sums() -> AnswerSums:
+    zero, kinds = jnp.zeros((), jnp.float32), jnp.zeros((N_KINDS,), jnp.float32)
+    return AnswerSums(zero, zero, zero, kinds, kinds, kinds, zero, zero, zero)
+
+
+def add_sums(a: AnswerSums, b: AnswerSums) -> AnswerSums:
+    return AnswerSums(*(x + y for x, y in zip(a, b, strict=True)))
 
 
 def answer_positions(loss_mask: jax.Array, budget: int) -> tuple[jax.Array, jax.Array]:
@@ -47,16 +71,23 @@ def answer_loss_sums(
     loss_mask: jax.Array,
     lm_head,
     budget: int,
+    token_kind: jax.Array | None = None,
 ) -> AnswerSums:
     """Cross-entropy sums over the answer tokens.
 
     hidden: [batch, seq, embed] final-normed hidden states; targets: i32[batch, seq] (the
     next token); loss_mask: bool[batch, seq]; lm_head: [..., embed] -> f32[..., vocab]
-    (the model's `logits`); budget: answer slots per row (static).
+    (the model's `logits`); budget: answer slots per row (static); token_kind:
+    i32[batch, seq] target kinds (None: every answer token is frame). The `shot_*` sums
+    are zero (see `shot_label_sums`).
     """
     positions, valid = answer_positions(loss_mask, budget)
     picked = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)  # [B, K, E]
     labels = jnp.take_along_axis(targets, positions, axis=1)  # [B, K]
+    if token_kind is None:
+        kinds = jnp.ones_like(labels)
+    else:
+        kinds = jnp.take_along_axis(token_kind.astype(jnp.int32), positions, axis=1)
     logits = lm_head(picked).astype(jnp.float32)  # [B, K, V]
     # One max and one exp-sum pass over the vocab give both the cross-entropy and the
     # hit test (label logit == max; an exact tie counts as a hit), no separate argmax.
@@ -66,11 +97,52 @@ def answer_loss_sums(
     ce = lse - picked_logit
     hit = picked_logit >= peak[..., 0]
     weight = valid.astype(jnp.float32)
+    by_kind = jax.nn.one_hot(kinds, N_KINDS, dtype=jnp.float32) * weight[..., None]  # [B,K,4]
+    zero = jnp.zeros((), jnp.float32)
     return AnswerSums(
         loss=jnp.sum(ce * weight),
         tokens=jnp.sum(weight),
         correct=jnp.sum(hit * weight),
+        kind_loss=jnp.einsum("bk,bkn->n", ce, by_kind),
+        kind_tokens=jnp.sum(by_kind, axis=(0, 1)),
+        kind_correct=jnp.einsum("bk,bkn->n", hit.astype(jnp.float32), by_kind),
+        shot_loss=zero,
+        shot_tokens=zero,
+        shot_correct=zero,
     )
+
+
+def candidate_index(labels: jax.Array, candidates: tuple[int, ...]) -> jax.Array:
+    """i32[...]: the index of each label token in `candidates` (0 where it is none)."""
+    table = jnp.asarray(candidates, jnp.int32)
+    return jnp.argmax(labels[..., None] == table, axis=-1).astype(jnp.int32)
+
+
+def shot_label_sums(
+    hidden: jax.Array,
+    targets: jax.Array,
+    token_kind: jax.Array,
+    candidate_logits: Callable[[jax.Array], jax.Array],
+    candidates: tuple[int, ...],
+    budget: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(summed cross-entropy, count, correct) over the shots' label tokens.
+
+    Each shot's label is predicted from its features and the shots before it: the
+    in-context curve itself, with one label signal per shot instead of one per query.
+    The softmax runs over the label candidates only (the digit tokens: `candidates`,
+    `candidate_logits(h) -> f32[..., len(candidates)]`), so the LM head costs nothing
+    at these positions. hidden: [batch, seq, embed]; targets, token_kind: i32[batch, seq];
+    budget: shot-label slots per row (static; rows with more are cut at `budget`).
+    """
+    positions, valid = answer_positions(token_kind == SHOT_LABEL, budget)
+    picked = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)  # [B, K, E]
+    labels = candidate_index(jnp.take_along_axis(targets, positions, axis=1), candidates)
+    logits = candidate_logits(picked).astype(jnp.float32)  # [B, K, C]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    hit = jnp.argmax(logits, axis=-1) == labels
+    weight = valid.astype(jnp.float32)
+    return jnp.sum(ce * weight), jnp.sum(weight), jnp.sum(hit * weight)
 
 
 def full_logits_loss_sums(
@@ -80,4 +152,17 @@ def full_logits_loss_sums(
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     weight = loss_mask.astype(jnp.float32)
     hit = jnp.argmax(logits, axis=-1) == targets
-    return AnswerSums(jnp.sum(ce * weight), jnp.sum(weight), jnp.sum(hit * weight))
+    frame = jnp.zeros((N_KINDS,), jnp.float32).at[1]
+    zero = jnp.zeros((), jnp.float32)
+    loss, tokens, correct = jnp.sum(ce * weight), jnp.sum(weight), jnp.sum(hit * weight)
+    return AnswerSums(
+        loss,
+        tokens,
+        correct,
+        frame.set(loss),
+        frame.set(tokens),
+        frame.set(correct),
+        zero,
+        zero,
+        zero,
+    )

@@ -11,7 +11,7 @@ through the micro-batches and returned; the frozen state is a plain input.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,14 @@ from jax.sharding import Mesh
 
 from mllm_jax.model.sharding import ActivationSharding
 from mllm_jax.train.batches import batch_sharding
-from mllm_jax.train.loss import AnswerSums, answer_loss_sums
+from mllm_jax.train.loss import (
+    AnswerSums,
+    add_sums,
+    answer_loss_sums,
+    answer_positions,
+    shot_label_sums,
+    zero_sums,
+)
 from mllm_jax.train.mesh import ShardingRules
 from mllm_jax.train.state import SplitModel, replicated
 
@@ -38,9 +45,12 @@ def _answer_sums(
     budget: int,
     remat: bool | str,
     sharding: ActivationSharding | None = None,
-) -> tuple[AnswerSums, nnx.State]:
+    shots: ShotLabels | None = None,
+    slots: bool = False,
+) -> tuple[AnswerSums, nnx.State] | tuple[AnswerSums, nnx.State, dict[str, jax.Array]]:
     """Forward of one micro-batch (each array [batch, seq]) -> (answer-token sums, the rng
-    state after the call)."""
+    state after the call); with `shots`, the shot-label sums are filled in; with `slots`
+    (needs `shots`), also the answer slots' candidate logits (`_answer_slots`)."""
     # copy=True: fresh Variables at this trace level. Reusing the jit-level Variables of
     # the non-differentiated states makes nnx.remat (per-layer remat) refuse to update
     # them from inside jax.grad ("Cannot mutate Param from a different trace level").
@@ -53,17 +63,70 @@ def _answer_sums(
         remat=remat,
         activation_sharding=sharding,
     )
-    sums = answer_loss_sums(hidden, micro["targets"], micro["loss_mask"], model.logits, budget)
+    kind = micro.get("token_kind")
+    sums = answer_loss_sums(
+        hidden, micro["targets"], micro["loss_mask"], model.logits, budget, kind
+    )
+    if shots is not None and kind is not None:
+
+        def candidate_logits(h: jax.Array) -> jax.Array:
+            return model.logits_for(h, shots.candidates)
+
+        loss, count, correct = shot_label_sums(
+            hidden, micro["targets"], kind, candidate_logits, shots.candidates, shots.budget
+        )
+        sums = sums._replace(shot_loss=loss, shot_tokens=count, shot_correct=correct)
+        if slots:
+            positions, valid = answer_positions(micro["loss_mask"], budget)
+            picked = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)
+            out = {
+                "positions": positions,
+                "valid": valid,
+                "logits": candidate_logits(picked),
+            }
+            return sums, nnx.state(model, nnx.RngState), out
     return sums, nnx.state(model, nnx.RngState)
 
 
-def _zero_sums() -> AnswerSums:
-    zero = jnp.zeros((), jnp.float32)
-    return AnswerSums(zero, zero, zero)
+class ShotLabels(NamedTuple):
+    """The shot-label auxiliary loss: `weight` times the mean cross-entropy of the shots'
+    label tokens among `candidates` (the label token ids), `budget` slots per row."""
+
+    weight: float
+    budget: int
+    candidates: tuple[int, ...]
 
 
-def _add(a: AnswerSums, b: AnswerSums) -> AnswerSums:
-    return AnswerSums(*(x + y for x, y in zip(a, b, strict=True)))
+def objective(sums: AnswerSums, shot_weight: float) -> jax.Array:
+    """The differentiated sum: answer cross-entropy plus the weighted shot-label term,
+    scaled so that dividing by the answer-token count gives answer mean + weight * shot
+    mean (exact for one micro-batch per step)."""
+    if not shot_weight:
+        return sums.loss
+    scale = jax.lax.stop_gradient(sums.tokens / jnp.maximum(sums.shot_tokens, 1.0))
+    return sums.loss + shot_weight * scale * sums.shot_loss
+
+
+def sums_metrics(sums: AnswerSums) -> dict[str, jax.Array]:
+    """Means of the sums: loss/accuracy over all answer tokens, and label-only, frame-only
+    and shot-label numbers (NaN where a kind had no tokens)."""
+
+    def mean(total: jax.Array, count: jax.Array) -> jax.Array:
+        return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
+
+    denom = jnp.maximum(sums.tokens, 1.0)
+    return {
+        "loss": sums.loss / denom,
+        "accuracy": sums.correct / denom,
+        "answer_tokens": sums.tokens,
+        "frame_loss": mean(sums.kind_loss[1], sums.kind_tokens[1]),
+        "frame_accuracy": mean(sums.kind_correct[1], sums.kind_tokens[1]),
+        "label_loss": mean(sums.kind_loss[2], sums.kind_tokens[2]),
+        "label_accuracy": mean(sums.kind_correct[2], sums.kind_tokens[2]),
+        "label_tokens": sums.kind_tokens[2],
+        "shot_label_loss": mean(sums.shot_loss, sums.shot_tokens),
+        "shot_label_accuracy": mean(sums.shot_correct, sums.shot_tokens),
+    }
 
 
 def make_train_step(
@@ -75,6 +138,7 @@ def make_train_step(
     budget: int,
     remat: bool | str,
     rules: ShardingRules | None = None,
+    shots: ShotLabels | None = None,
 ) -> Callable[..., tuple[nnx.State, optax.OptState, nnx.State, dict[str, jax.Array]]]:
     """`step(trainable, opt_state, rngs, frozen, batch, lr)
     -> (trainable, opt_state, rngs, metrics)`.
@@ -82,7 +146,9 @@ def make_train_step(
     `tx` gives the update direction (`optim.make_optimizer`); the step applies
     `-lr * direction`, lr: f32[] (so one compiled step serves every stage's schedule).
     batch: dict of [grad_accum, batch, seq] arrays. metrics: f32 scalars `loss` (mean
-    over answer tokens), `accuracy`, `answer_tokens`, `grad_norm` (before clipping).
+    over answer tokens), `accuracy`, `answer_tokens`, `grad_norm` (before clipping), and
+    the label-only numbers of `sums_metrics`. shots: the shot-label auxiliary loss (its
+    sums are measured whenever given, added to the objective when its weight is > 0).
     trainable, opt_state and rngs are donated. remat: per-layer policy name or bool
     (`mllm_jax.model.remat`). rules: the parameters' sharding rules; given, the model
     pins its activations to the matching layout on `mesh` (`mllm_jax.model.sharding`).
@@ -90,11 +156,21 @@ def make_train_step(
     graphdef = split.graphdef
     sharding = None if rules is None else ActivationSharding(mesh, rules)
 
+    shot_weight = shots.weight if shots is not None else 0.0
+
     def loss_and_aux(trainable, rngs, frozen, micro):
         sums, rngs = _answer_sums(
-            graphdef, trainable, rngs, frozen, micro, budget=budget, remat=remat, sharding=sharding
+            graphdef,
+            trainable,
+            rngs,
+            frozen,
+            micro,
+            budget=budget,
+            remat=remat,
+            sharding=sharding,
+            shots=shots,
         )
-        return sums.loss, (sums, rngs)
+        return objective(sums, shot_weight), (sums, rngs)
 
     grad_fn = jax.grad(loss_and_aux, has_aux=True)
 
@@ -102,21 +178,16 @@ def make_train_step(
         def accumulate(carry, micro):
             grads, sums, rngs = carry
             g, (s, rngs) = grad_fn(trainable, rngs, frozen, micro)
-            return (jax.tree.map(jnp.add, grads, g), _add(sums, s), rngs), None
+            return (jax.tree.map(jnp.add, grads, g), add_sums(sums, s), rngs), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
-        (grads, sums, rngs), _ = jax.lax.scan(accumulate, (zeros, _zero_sums(), rngs), batch)
+        (grads, sums, rngs), _ = jax.lax.scan(accumulate, (zeros, zero_sums(), rngs), batch)
         denom = jnp.maximum(sums.tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
         direction, opt_state = tx.update(grads, opt_state, trainable)
         trainable = jax.tree.map(lambda p, d: (p - lr * d).astype(p.dtype), trainable, direction)
-        metrics = {
-            "loss": sums.loss / denom,
-            "accuracy": sums.correct / denom,
-            "answer_tokens": sums.tokens,
-            "grad_norm": grad_norm,
-        }
+        metrics = {**sums_metrics(sums), "grad_norm": grad_norm}
         return trainable, opt_state, rngs, metrics
 
     rep = replicated(mesh)
@@ -136,21 +207,34 @@ def make_train_step(
 
 
 def make_eval_step(
-    split: SplitModel, mesh: Mesh, *, budget: int
-) -> Callable[[nnx.State, nnx.State, nnx.State, Batch], AnswerSums]:
+    split: SplitModel, mesh: Mesh, *, budget: int, shots: ShotLabels | None = None
+) -> Callable[..., Any]:
     """`eval_step(trainable, rngs, frozen, batch) -> AnswerSums` summed over a stacked
-    batch [micro, batch, seq], in eval mode (no dropout, no gradients, no remat)."""
+    batch [micro, batch, seq], in eval mode (no dropout, no gradients, no remat).
+
+    With `shots`: `-> (AnswerSums, slots)`, slots a dict of [micro, batch, budget] arrays
+    about the answer slots: `positions` i32, `valid` bool and `logits` f32[..., C] (the
+    logits of the label candidates), for label-set metrics on the host.
+    """
     graphdef = split.eval_graphdef
 
     def evaluate(trainable, rngs, frozen, batch):
         def one(sums, micro):
-            s, _ = _answer_sums(
-                graphdef, trainable, rngs, frozen, micro, budget=budget, remat=False
+            out = _answer_sums(
+                graphdef,
+                trainable,
+                rngs,
+                frozen,
+                micro,
+                budget=budget,
+                remat=False,
+                shots=shots,
+                slots=shots is not None,
             )
-            return _add(sums, s), None
+            return add_sums(sums, out[0]), (out[2] if shots is not None else None)
 
-        sums, _ = jax.lax.scan(one, _zero_sums(), batch)
-        return sums
+        sums, slots = jax.lax.scan(one, zero_sums(), batch)
+        return (sums, slots) if shots is not None else sums
 
     return jax.jit(
         evaluate,

@@ -1,0 +1,154 @@
+"""Label-only validation numbers, beside the baselines a model must beat to read its shots.
+
+The answer-token accuracy is mostly the JSON frame. What tells in-context learning apart
+is the query labels alone, scored as the classifier scores them (argmax over the label
+set the shots show), next to two baselines computed from the same prompts:
+
+- the shots' majority class (accuracy), what a model that only counts labels gets;
+- the shots' class frequencies as a guess (cross-entropy, add-one smoothed).
+
+Everything but the model's logits is fixed by the held-out batches, so the per-slot
+bookkeeping (which segment, which shots, which class) is done once on the host.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+LABEL, SHOT_LABEL = 2, 3  # encoding.tokens.TokenKind
+SHOT_BUCKETS = (8, 16, 32, 64, 128)
+"""Lower bounds of the shot-count buckets of the curve (the last is open above)."""
+
+
+def bucket_name(shots: int) -> str:
+    """The name of the bucket `shots` falls in: '<8', '8-15', ..., '128+'."""
+    if shots < SHOT_BUCKETS[0]:
+        return f"<{SHOT_BUCKETS[0]}"
+    for lo, hi in itertools.pairwise(SHOT_BUCKETS):
+        if shots < hi:
+            return f"{lo}-{hi - 1}"
+    return f"{SHOT_BUCKETS[-1]}+"
+
+
+@dataclass(frozen=True)
+class LabelSlots:
+    """The query-label slots of a stacked batch, with their prompts' shot statistics.
+
+    Attributes:
+        index: i64[n, 3] (micro, row, slot) of each label slot in the eval step's
+            [micro, batch, budget] slot arrays.
+        label: i64[n] candidate index (0..C-1) of the true label.
+        classes: bool[n, C] the classes the slot's shots show.
+        shot_counts: i64[n, C] how many shots show each class.
+        shots: i64[n] shots in the slot's prompt.
+    """
+
+    index: np.ndarray
+    label: np.ndarray
+    classes: np.ndarray
+    shot_counts: np.ndarray
+    shots: np.ndarray
+
+
+def label_slots(
+    batch: Mapping[str, np.ndarray], budget: int, candidates: tuple[int, ...]
+) -> LabelSlots:
+    """Finds the query-label slots of a stacked batch (arrays [micro, batch, seq]).
+
+    Slots follow the eval step's gather: the first `budget` loss positions of each row.
+    A label spelled with more than one token (classes >= 10) is skipped here.
+    """
+    table = {token: i for i, token in enumerate(candidates)}
+    n_c = len(candidates)
+    rows: list[tuple[int, int, int]] = []
+    labels, classes, counts, shots = [], [], [], []
+    for m, r in np.ndindex(*batch["loss_mask"].shape[:2]):
+        mask = np.asarray(batch["loss_mask"][m, r], dtype=bool)
+        kind = np.asarray(batch["token_kind"][m, r])
+        targets = np.asarray(batch["targets"][m, r])
+        segment = np.asarray(batch["segment_ids"][m, r])
+        slot_positions = np.flatnonzero(mask)[:budget]
+        per_segment: dict[int, np.ndarray] = {}
+        for slot, position in enumerate(slot_positions):
+            if kind[position] != LABEL or int(targets[position]) not in table:
+                continue
+            seg = int(segment[position])
+            if seg not in per_segment:
+                shot_tokens = targets[(segment == seg) & (kind == SHOT_LABEL)]
+                hist = np.zeros(n_c, dtype=np.int64)
+                for token in shot_tokens:
+                    if int(token) in table:
+                        hist[table[int(token)]] += 1
+                per_segment[seg] = hist
+            hist = per_segment[seg]
+            rows.append((m, r, slot))
+            labels.append(table[int(targets[position])])
+            classes.append(hist > 0)
+            counts.append(hist)
+            shots.append(int(hist.sum()))
+    if not rows:
+        empty = np.zeros((0, n_c), dtype=np.int64)
+        return LabelSlots(
+            np.zeros((0, 3), np.int64),
+            np.zeros(0, np.int64),
+            empty > 0,
+            empty,
+            np.zeros(0, np.int64),
+        )
+    return LabelSlots(
+        np.asarray(rows, dtype=np.int64),
+        np.asarray(labels, dtype=np.int64),
+        np.asarray(classes, dtype=bool),
+        np.asarray(counts, dtype=np.int64),
+        np.asarray(shots, dtype=np.int64),
+    )
+
+
+def label_metrics(slots: LabelSlots, logits: np.ndarray) -> dict[str, object]:
+    """Label-only numbers from the candidate logits f32[micro, batch, budget, C].
+
+    Returns `label_accuracy` and `label_loss` (over the classes the shots show),
+    `majority_accuracy` and `prior_loss` (the shots' majority class and smoothed class
+    frequencies), `label_slots`, and `by_shots`: {bucket: {slots, label_accuracy,
+    majority_accuracy}}. Empty slots give an empty dict.
+    """
+    n = len(slots.label)
+    if n == 0:
+        return {}
+    picked = np.asarray(logits, dtype=np.float64)[tuple(slots.index.T)]  # [n, C]
+    masked = np.where(slots.classes, picked, -np.inf)
+    top = masked.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(masked - top).sum(axis=1)) + top[:, 0]
+    rows = np.arange(n)
+    loss = log_z - picked[rows, slots.label]
+    # A label the shots never show cannot be predicted from them: infinite loss, no hit.
+    shown = slots.classes[rows, slots.label]
+    loss = np.where(shown, loss, np.inf)
+    hit = (masked.argmax(axis=1) == slots.label) & shown
+    majority = slots.shot_counts.argmax(axis=1) == slots.label
+    n_classes = slots.classes.sum(axis=1)
+    prior = (slots.shot_counts[rows, slots.label] + 1) / (slots.shots + n_classes)
+    prior_loss = -np.log(np.where(shown, prior, 1.0 / np.maximum(slots.shots + n_classes, 1)))
+    by_shots: dict[str, dict[str, float]] = {}
+    names = np.array([bucket_name(int(s)) for s in slots.shots])
+    for name in dict.fromkeys(bucket_name(b) for b in (0, *SHOT_BUCKETS)):
+        sel = names == name
+        if sel.any():
+            by_shots[name] = {
+                "slots": int(sel.sum()),
+                "label_accuracy": float(hit[sel].mean()),
+                "majority_accuracy": float(majority[sel].mean()),
+            }
+    finite = np.isfinite(loss)
+    return {
+        "label_accuracy": float(hit.mean()),
+        "label_loss": float(loss[finite].mean()) if finite.any() else float("inf"),
+        "majority_accuracy": float(majority.mean()),
+        "prior_loss": float(prior_loss.mean()),
+        "label_slots": n,
+        "by_shots": by_shots,
+    }

@@ -179,3 +179,22 @@ def test_export_loads_in_transformers_and_agrees_with_ours(demo_run):
     got = np.asarray(load_hf(model_dir)(ids.astype(np.int32)), np.float32)
     assert np.isfinite(expected).all()
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_evaluation_asks_as_many_queries_per_prompt_as_training_showed(tmp_path, monkeypatch):
+    import mllm_jax.eval as harness
+    from mllm_jax.demo.evaluate import run_eval, trained_queries
+
+    config = load_demo_config(write_config(tmp_path, FAST))
+    assert trained_queries(config.train) == 4
+    assert "chunk_size" not in config.eval.model_options
+    seen = {}
+
+    def resolve_methods(names, **kwargs):
+        seen.update(kwargs["model_options"])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(harness, "resolve_methods", resolve_methods)
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_eval(tmp_path, tmp_path / "model", config.eval, None, config.train)
+    assert seen["chunk_size"] == 4  # the eval stage passes it on as the model's chunk_size

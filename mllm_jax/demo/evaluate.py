@@ -14,6 +14,8 @@ from pathlib import Path
 from rich.console import Console
 
 from mllm_jax.demo.config import EvalConfig
+from mllm_jax.encoding.sampling import SamplingConfig
+from mllm_jax.train.config import TrainConfig
 from mllm_jax.demo.generate import load_corpus_tasks
 from mllm_jax.eval.datasets import Dataset, task_table
 
@@ -41,15 +43,35 @@ def eval_tables(out: Path, config: EvalConfig) -> dict[str, list[Dataset]]:
     return tables
 
 
-def run_eval(out: Path, model_dir: Path, config: EvalConfig, console: Console) -> dict[str, Path]:
-    """Runs every group; returns group -> harness output directory (groups with tables)."""
+def trained_queries(train: TrainConfig) -> int | None:
+    """The most queries per prompt the model saw in its last training stage (None: the
+    stage's data is not task shards)."""
+    data = train.stages[-1].data
+    if data.kind != "shards":
+        return None
+    sampling = data.pipeline.get("sampling", {})
+    return int(sampling.get("max_queries", SamplingConfig().max_queries))
+
+
+def run_eval(
+    out: Path, model_dir: Path, config: EvalConfig, console: Console, train: TrainConfig
+) -> dict[str, Path]:
+    """Runs every group; returns group -> harness output directory (groups with tables).
+
+    The model answers as many queries per prompt as it was trained on (`chunk_size`),
+    unless `config.model_options` says otherwise.
+    """
     from mllm_jax.eval import Protocol, resolve_methods, run_evaluation
 
+    options = dict(config.model_options)
+    queries = trained_queries(train)
+    if queries is not None:
+        options.setdefault("chunk_size", queries)
     methods = resolve_methods(
         config.methods,
         model_dir=model_dir,
         model_name=MODEL_METHOD,
-        model_options=config.model_options,
+        model_options=options,
         permuted_shots=config.permuted_shots,
     )
     protocol = Protocol(max_test=config.max_test)

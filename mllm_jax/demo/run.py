@@ -195,7 +195,7 @@ def run_demo(
 
     if not skip("eval", 4):
         with book.run("eval", 4, total, "the model vs baselines, real + held-out tables"):
-            run_eval(out, model_dir, config.eval, console)
+            run_eval(out, model_dir, config.eval, console, config.train)
 
     stage_bounds = [
         (s.name, lo) for s, (lo, _) in zip(train_config.stages, train_config.stage_bounds(),

@@ -221,7 +221,9 @@ def task_table(task: Task) -> Dataset:
     )
 
 
-def load_corpus_tables(directory: str | os.PathLike[str], limit: int | None = None) -> list[Dataset]:
+def load_corpus_tables(
+    directory: str | os.PathLike[str], limit: int | None = None
+) -> list[Dataset]:
     """The first `limit` tasks (all when None) of a task corpus, in index order, as tables."""
     from array_record.python.array_record_module import ArrayRecordReader
 

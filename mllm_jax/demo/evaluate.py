@@ -14,10 +14,10 @@ from pathlib import Path
 from rich.console import Console
 
 from mllm_jax.demo.config import EvalConfig
-from mllm_jax.encoding.sampling import SamplingConfig
-from mllm_jax.train.config import TrainConfig
 from mllm_jax.demo.generate import load_corpus_tasks
+from mllm_jax.encoding.sampling import SamplingConfig
 from mllm_jax.eval.datasets import Dataset, task_table
+from mllm_jax.train.config import TrainConfig
 
 MODEL_METHOD = "mllm"
 GROUPS = ("real", "synthetic")

@@ -200,3 +200,21 @@ def test_config_yaml_overrides_and_fingerprint(tmp_path):
 
 def test_jax_sees_eight_devices():
     assert jax.device_count() == 8
+
+
+def test_a_best_step_saved_again_after_a_kill_replaces_the_first(tmp_path):
+    """kill -9 between the best save of step N and the periodic checkpoint of step N: the
+    rerun reaches N again and must not fail with StepAlreadyExistsError."""
+    import orbax.checkpoint as ocp
+
+    from mllm_jax.train.checkpoint import Checkpointer
+
+    first = Checkpointer(str(tmp_path / "ck"), keep=2, best_directory=str(tmp_path / "best"))
+    first.save_best(50, {"w": jnp.zeros(3)}, {}, {"step": 50, "run": 1})
+    first.wait()
+    again = Checkpointer(str(tmp_path / "ck"), keep=2, best_directory=str(tmp_path / "best"))
+    again.save_best(50, {"w": jnp.ones(3)}, {}, {"step": 50, "run": 2})
+    again.wait()
+    assert list(again.best.all_steps()) == [50]
+    restored = again.best.restore(50, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    assert restored["meta"]["run"] == 2

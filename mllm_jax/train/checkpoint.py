@@ -167,8 +167,14 @@ class Checkpointer:
         self.manager.save(step, args=_save_args(**items), force=True)
 
     def save_best(self, step: int, trainable: Any, rngs: Any, meta: dict[str, Any]) -> None:
+        """Saves `step` as the best model. A run killed after a best save and before the
+        periodic checkpoint of that step resumes from an earlier step and reaches `step`
+        again: the saved best of that step is then replaced, not refused."""
         if self.best is None:
             return
+        if step in self.best.all_steps():
+            self.best.wait_until_finished()
+            self.best.delete(step)
         items = {"trainable": trainable, "meta": meta}
         if jax.tree.leaves(rngs):
             items["rngs"] = _keys_to_data(rngs)

@@ -8,7 +8,13 @@ import pytest
 from flax import nnx
 
 from mllm_jax.model import Qwen2ForCausalLM, preset
-from mllm_jax.train.label_metrics import bucket_name, label_metrics, label_slots
+from mllm_jax.train.label_metrics import (
+    bucket_name,
+    label_metrics,
+    label_slots,
+    shot_metrics,
+    shot_slots,
+)
 from mllm_jax.train.loss import answer_loss_sums, shot_label_sums
 
 DIGITS = tuple(range(15, 25))
@@ -78,6 +84,23 @@ def test_label_metrics_match_a_hand_computation():
     assert [bucket_name(s) for s in (7, 8, 31, 32, 127, 128, 1000)] == [
         "<8", "8-15", "16-31", "32-63", "64-127", "128+", "128+",
     ]  # fmt: skip
+
+
+def test_shot_curve_matches_a_hand_computation():
+    batch = one_row_batch()
+    slots = shot_slots(batch, budget=32, candidates=DIGITS)
+    assert slots.label.tolist() == [1, 1, 0, 2, 2, 2, 2, 0, 0, 0, 0, 0, 2]
+    assert slots.before.sum(axis=1).tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    logits = np.zeros((1, 1, 32, 10))
+    logits[0, 0, :, 2] = 1.0  # always class 2 (when the prompt shows it), else the lowest
+    out = shot_metrics(slots, logits)["shot_by_before"]
+    # 1..7 earlier shots: prompt 1 shots 2, 3 (labels 1, 0; predicted 0: one hit), prompt
+    # 2 shots 2..8 (labels 2, 2, 2, 0, 0, 0, 0; predicted 2: three hits). The earlier
+    # shots' majority: p1 1 (hit), 1 (miss); p2 2, 2, 2 (hits), then 2 four times (misses)
+    assert out["<8"] == {"slots": 9, "label_accuracy": 4 / 9, "majority_accuracy": 4 / 9}
+    # 8 and 9 earlier shots (prompt 2, labels 0, 2): majority of 2x4 + 0x4 is the lowest
+    # class 0 (hit), of 0x5 + 2x4 is 0 (miss); the model predicts 2: one hit
+    assert out["8-15"] == {"slots": 2, "label_accuracy": 0.5, "majority_accuracy": 0.5}
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,90 @@ def label_slots(
     )
 
 
+@dataclass(frozen=True)
+class ShotSlots:
+    """The shot-label slots of a stacked batch: each shot's label, to be predicted from the
+    shots before it (the in-context curve).
+
+    Attributes:
+        index: i64[n, 3] (micro, row, slot) in the eval step's shot-slot arrays.
+        label: i64[n] candidate index of the shot's label.
+        classes: bool[n, C] the prompt's label set (all classes its shots show; the
+            prompt's header lists them before the first shot).
+        before: i64[n, C] how many earlier shots of the prompt show each class.
+    """
+
+    index: np.ndarray
+    label: np.ndarray
+    classes: np.ndarray
+    before: np.ndarray
+
+
+def shot_slots(
+    batch: Mapping[str, np.ndarray], budget: int, candidates: tuple[int, ...]
+) -> ShotSlots:
+    """Finds the shot-label slots of a stacked batch (the first `budget` per row, as the
+    eval step gathers them); multi-token labels are skipped."""
+    table = {token: i for i, token in enumerate(candidates)}
+    n_c = len(candidates)
+    index, labels, classes, before = [], [], [], []
+    for m, r in np.ndindex(*batch["token_kind"].shape[:2]):
+        kind = np.asarray(batch["token_kind"][m, r])
+        targets = np.asarray(batch["targets"][m, r])
+        segment = np.asarray(batch["segment_ids"][m, r])
+        positions = np.flatnonzero(kind == SHOT_LABEL)[:budget]
+        seen: dict[int, np.ndarray] = {}
+        shown: dict[int, np.ndarray] = {}
+        for slot, position in enumerate(positions):
+            token = int(targets[position])
+            if token not in table:
+                continue
+            seg = int(segment[position])
+            if seg not in seen:
+                seen[seg] = np.zeros(n_c, dtype=np.int64)
+                tokens = targets[(segment == seg) & (kind == SHOT_LABEL)]
+                shown[seg] = np.isin(
+                    np.arange(n_c), [table[int(t)] for t in tokens if int(t) in table]
+                )
+            index.append((m, r, slot))
+            labels.append(table[token])
+            classes.append(shown[seg])
+            before.append(seen[seg].copy())
+            seen[seg][table[token]] += 1
+    n = len(index)
+    return ShotSlots(
+        np.asarray(index, dtype=np.int64).reshape(n, 3),
+        np.asarray(labels, dtype=np.int64),
+        np.asarray(classes, dtype=bool).reshape(n, n_c),
+        np.asarray(before, dtype=np.int64).reshape(n, n_c),
+    )
+
+
+def shot_metrics(slots: ShotSlots, logits: np.ndarray) -> dict[str, object]:
+    """The in-context curve from the shot-label candidate logits f32[micro, batch, budget, C]:
+    `shot_by_before` = {bucket of earlier shots: {slots, label_accuracy (argmax over the
+    prompt's label set), majority_accuracy (the earlier shots' majority class)}}.
+    Slots with no earlier shot are left out."""
+    keep = slots.before.sum(axis=1) > 0
+    if not keep.any():
+        return {}
+    picked = np.asarray(logits, dtype=np.float64)[tuple(slots.index[keep].T)]
+    label = slots.label[keep]
+    hit = np.where(slots.classes[keep], picked, -np.inf).argmax(axis=1) == label
+    majority = slots.before[keep].argmax(axis=1) == label
+    names = np.array([bucket_name(int(k)) for k in slots.before[keep].sum(axis=1)])
+    curve: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(bucket_name(b) for b in (0, *SHOT_BUCKETS)):
+        sel = names == name
+        if sel.any():
+            curve[name] = {
+                "slots": int(sel.sum()),
+                "label_accuracy": float(hit[sel].mean()),
+                "majority_accuracy": float(majority[sel].mean()),
+            }
+    return {"shot_by_before": curve}
+
+
 def label_metrics(slots: LabelSlots, logits: np.ndarray) -> dict[str, object]:
     """Label-only numbers from the candidate logits f32[micro, batch, budget, C].
 

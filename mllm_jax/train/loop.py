@@ -58,7 +58,7 @@ from mllm_jax.train.data import (
     restore_positions,
 )
 from mllm_jax.train.interrupt import StopOnInterrupt
-from mllm_jax.train.label_metrics import label_metrics, label_slots
+from mllm_jax.train.label_metrics import label_metrics, label_slots, shot_metrics, shot_slots
 from mllm_jax.train.mesh import ShardingRules, make_mesh
 from mllm_jax.train.metrics import MetricsLog, is_main_process, progress_bar
 from mllm_jax.train.optim import learning_rate, make_optimizer
@@ -241,6 +241,7 @@ class _Validation:
         self.device_batch = to_device(self.batch, mesh)
         shots = shot_labels(config)
         self.slots = label_slots(self.batch, config.max_answer_tokens, shots.candidates)
+        self.shot_slots = shot_slots(self.batch, shots.budget, shots.candidates)
         self.step = make_eval_step(split, mesh, budget=config.max_answer_tokens, shots=shots)
 
     def __call__(self, split: SplitModel) -> dict[str, Any]:
@@ -257,6 +258,7 @@ class _Validation:
             "val_shot_label_accuracy": float(means["shot_label_accuracy"]),
         }
         labels = label_metrics(self.slots, slots["logits"])
+        labels.update(shot_metrics(self.shot_slots, slots["shot_logits"]))
         out.update({f"val_{k}": v for k, v in labels.items()})
         return out
 

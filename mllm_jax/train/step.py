@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from mllm_jax.model.sharding import ActivationSharding
 from mllm_jax.train.batches import batch_sharding
 from mllm_jax.train.loss import (
+    SHOT_LABEL,
     AnswerSums,
     add_sums,
     answer_loss_sums,
@@ -77,13 +78,13 @@ def _answer_sums(
         )
         sums = sums._replace(shot_loss=loss, shot_tokens=count, shot_correct=correct)
         if slots:
-            positions, valid = answer_positions(micro["loss_mask"], budget)
-            picked = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)
-            out = {
-                "positions": positions,
-                "valid": valid,
-                "logits": candidate_logits(picked),
-            }
+            positions, _ = answer_positions(micro["loss_mask"], budget)
+            shot_positions, _ = answer_positions(kind == SHOT_LABEL, shots.budget)
+
+            def at(where: jax.Array) -> jax.Array:
+                return candidate_logits(jnp.take_along_axis(hidden, where[:, :, None], axis=1))
+
+            out = {"logits": at(positions), "shot_logits": at(shot_positions)}
             return sums, nnx.state(model, nnx.RngState), out
     return sums, nnx.state(model, nnx.RngState)
 
@@ -212,9 +213,9 @@ def make_eval_step(
     """`eval_step(trainable, rngs, frozen, batch) -> AnswerSums` summed over a stacked
     batch [micro, batch, seq], in eval mode (no dropout, no gradients, no remat).
 
-    With `shots`: `-> (AnswerSums, slots)`, slots a dict of [micro, batch, budget] arrays
-    about the answer slots: `positions` i32, `valid` bool and `logits` f32[..., C] (the
-    logits of the label candidates), for label-set metrics on the host.
+    With `shots`: `-> (AnswerSums, slots)`, slots a dict of the label candidates' logits
+    for label-set metrics on the host: `logits` f32[micro, batch, budget, C] at the answer
+    slots, `shot_logits` f32[micro, batch, shots.budget, C] at the shot-label slots.
     """
     graphdef = split.eval_graphdef
 

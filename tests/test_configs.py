@@ -14,7 +14,7 @@ RECIPES = ["qwen2.5-7b-lora.yaml", "qwen2.5-1.5b-lora.yaml", "qwen2.5-0.5b-lora.
 
 
 def _load(path: Path):
-    if path.name.startswith("demo"):
+    if path.name.startswith(("demo", "mini")):
         return load_demo_config(path)
     return load_config(TrainConfig, path)
 

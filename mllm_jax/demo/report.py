@@ -74,6 +74,10 @@ def training_summary(train_dir: Path) -> dict[str, Any]:
         last = validations[-1]
         out["validation_loss"] = last.get("val_loss")
         out["validation_answer_token_accuracy"] = last.get("val_accuracy")
+        # Label-only: the answer-token accuracy is mostly the JSON frame.
+        for key in ("label_accuracy", "majority_accuracy", "label_loss", "prior_loss"):
+            if f"val_{key}" in last:
+                out[f"validation_{key}"] = last[f"val_{key}"]
     return out
 
 
@@ -237,6 +241,23 @@ def _verdict_sentence(group: str, v: Mapping[str, Any] | None) -> str:
     return ", ".join(parts) + "."
 
 
+def _label_lines(train: Mapping[str, Any]) -> list[str]:
+    """The label-only sentence (held-out validation prompts), if the run measured it."""
+    if train.get("validation_label_accuracy") is None:
+        return []
+    return [
+        "Query labels alone on the held-out validation prompts (the answer-token accuracy "
+        "is mostly the JSON frame): accuracy "
+        f"{_fmt(train['validation_label_accuracy'])} against "
+        f"{_fmt(train.get('validation_majority_accuracy'))} for the shots' majority class; "
+        f"label loss {_fmt(train.get('validation_label_loss'))} against "
+        f"{_fmt(train.get('validation_prior_loss'))} for the shots' class frequencies as a "
+        "guess. A model above the majority reads its shots; the small-scale recipe that "
+        "gets there is `configs/mini.yaml` (docs/mini.md).",
+        "",
+    ]
+
+
 def summary_markdown(metrics: Mapping[str, Any]) -> str:
     model, train = metrics["model"], metrics["train"]
     lines = [
@@ -286,6 +307,7 @@ def summary_markdown(metrics: Mapping[str, Any]) -> str:
         )
         + ". Exported as a Hugging Face checkpoint: `model/`.",
         "",
+        *_label_lines(train),
         "![training loss](loss.png)",
         "",
         "## Accuracy",

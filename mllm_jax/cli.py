@@ -210,6 +210,7 @@ def predict(
         int | None, typer.Option(help="Generation budget per prompt (generate mode).")
     ] = None,
     metrics: Annotated[Path | None, typer.Option(help="Append the summary JSON line here.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ) -> None:
     """Classify the rows of a CSV by in-context learning from a training CSV."""
     from mllm_jax.infer.command import USAGE_ERRORS, predict_command
@@ -222,6 +223,7 @@ def predict(
             out,
             target,
             metrics,
+            overwrite,
             adapter_path=None if adapter is None else str(adapter),
             mode=mode,
             prompt_format="raw" if raw_prompt else "chat",

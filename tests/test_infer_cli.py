@@ -124,3 +124,23 @@ def test_eval_with_model_end_to_end(ckpt, tmp_path):
         ],
     )
     assert bad.exit_code == 2 and "unknown model options ['chunks']" in bad.output
+
+
+def test_predict_protects_its_inputs_and_existing_outputs(ckpt, csvs, tmp_path):
+    runner = CliRunner()
+    train, test = csvs / "train.csv", csvs / "test.csv"
+    before = {p: p.read_bytes() for p in (train, test)}
+    base = ["predict", "--model", str(ckpt), "--train", str(train), "--test", str(test)]
+    for out, flag in ((test, "--test"), (train, "--train")):
+        result = runner.invoke(app, [*base, "--out", str(out), "--overwrite", *OPTIONS])
+        assert result.exit_code == 2, result.output
+        assert f"is the {flag} file" in result.output
+    existing = tmp_path / "old.csv"
+    existing.write_text("keep me\n")
+    result = runner.invoke(app, [*base, "--out", str(existing), *OPTIONS])
+    assert result.exit_code == 2 and "pass --overwrite" in result.output
+    assert existing.read_text() == "keep me\n"
+    assert {p: p.read_bytes() for p in (train, test)} == before
+    result = runner.invoke(app, [*base, "--out", str(existing), "--overwrite", *OPTIONS])
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(existing).columns[-1] == "label"

@@ -22,7 +22,7 @@ from rich.console import Console
 from mllm_jax.eval.datasets import MISSING_MARKERS, DatasetError, load_csv
 from mllm_jax.infer.classifier import MLLMClassifier
 
-USAGE_ERRORS = (FileNotFoundError, ValueError)
+USAGE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError)
 """Bad input (files, columns, labels, options, context length): exit status 2."""
 
 
@@ -54,6 +54,18 @@ def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
         raise
 
 
+def check_output(out: Path, inputs: dict[str, Path], overwrite: bool) -> None:
+    """Refuses an output that is one of the inputs, or an existing file without
+    `overwrite` (before any work is done)."""
+    for flag, path in inputs.items():
+        if path.exists() and out.exists() and os.path.samefile(out, path):
+            raise ValueError(f"--out {out} is the {flag} file; write the predictions elsewhere")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory; name a CSV file")
+
+
 def predict_command(
     model: Path,
     train: Path,
@@ -61,13 +73,16 @@ def predict_command(
     out: Path,
     target: str = "label",
     metrics: Path | None = None,
+    overwrite: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Fits `MLLMClassifier(model, **options)` on `train` and writes predictions for `test`.
 
     Returns the summary also printed as one JSON line on stderr (and appended to
-    `metrics` when given).
+    `metrics` when given). `out` may not be `train` or `test`, nor an existing file
+    unless `overwrite`.
     """
+    check_output(out, {"--train": train, "--test": test}, overwrite)
     console = Console(stderr=True)
     dataset = load_csv(train, target)
     console.print(dataset.describe())

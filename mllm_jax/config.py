@@ -239,14 +239,30 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def load_config(
     cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
 ) -> T:
-    """Builds ``cls`` from an optional YAML file plus ``dotted.key=value`` overrides."""
+    """Builds ``cls`` from an optional YAML file plus ``dotted.key=value`` overrides.
+
+    An error names where the bad value came from: the file, or the overrides (``--set``).
+    """
     data = load_yaml(path) if path is not None else {}
+    return build_with_overrides(cls, data, overrides, path)
+
+
+def build_with_overrides(
+    cls: type[T], data: dict[str, Any], overrides: Sequence[str], path: str | os.PathLike | None
+) -> T:
+    """``cls`` from ``data`` (read from ``path``, if any) with ``overrides`` applied; a
+    ``ConfigError`` says whether the file or the overrides hold the mistake."""
+    if path is not None:
+        try:
+            from_dict(cls, data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
     try:
         return from_dict(cls, apply_overrides(data, overrides))
     except ConfigError as exc:
-        if path is None:
+        if not overrides:
             raise
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"--set {' '.join(overrides)}: {exc}") from exc
 
 
 def save_config(config: Any, path: str | os.PathLike) -> None:

@@ -97,6 +97,18 @@ def test_load_config_names_the_file(tmp_path):
         load_config(Run, tmp_path / "missing.yaml")
 
 
+def test_a_bad_override_is_reported_against_the_overrides_not_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 5e-1\n")
+    with pytest.raises(
+        ConfigError, match=r"^--set optim\.lr=-1: optim: lr must be positive"
+    ) as error:
+        load_config(Run, path, ["optim.lr=-1"])
+    assert "run.yaml" not in str(error.value)
+    with pytest.raises(ConfigError, match=r"^--set sed=1: sed: unknown key"):
+        load_config(Run, path, ["sed=1"])
+
+
 def test_save_config_is_atomic_and_reloadable(tmp_path):
     run = Run(optim=Optim(lr=0.25), stages=[Stage("a", 1)], seed=None)
     path = tmp_path / "sub" / "resolved.yaml"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mllm_jax.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from mllm_jax.config import ConfigError, build_with_overrides, load_yaml, to_dict
 from mllm_jax.filtering.config import FilterConfig
 from mllm_jax.prior.config import PriorConfig
 from mllm_jax.train.config import (
@@ -288,12 +288,7 @@ def load_demo_config(
     data = to_dict(DemoConfig())
     if path is not None:
         data = _merge(data, load_yaml(path))
-    try:
-        return from_dict(DemoConfig, apply_overrides(data, overrides))
-    except ConfigError as error:
-        if path is None:
-            raise
-        raise ConfigError(f"{path}: {error}") from error
+    return build_with_overrides(DemoConfig, data, overrides, path)
 
 
 def _merge(base: Any, top: Any) -> Any:

@@ -155,7 +155,9 @@ def _write_atomically(target: Path, overwrite: bool, write) -> Path:
             write(Path(scratch))
         return target
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True")
+        raise FileExistsError(
+            f"{target} exists and is not empty; pass overwrite=True (--overwrite on the command line)"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

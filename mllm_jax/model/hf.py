@@ -316,7 +316,9 @@ def save_hf(
     is_writer = jax.process_index() == 0
     exists = target.exists() and (not target.is_dir() or any(target.iterdir()))
     if exists and not overwrite and (is_writer or collective):
-        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True")
+        raise FileExistsError(
+            f"{target} exists and is not empty; pass overwrite=True (--overwrite on the command line)"
+        )
     if not (is_writer or collective):
         return target
     config: Qwen2Config = model.config

@@ -50,6 +50,7 @@ def test_paper_recipe():
         pipeline = stage.data.pipeline
         assert pipeline["sampling"]["token_budget"] == 32000
         assert pipeline["seq_len"] == 32768
+        assert pipeline["packing"] is False  # one task per sequence, as the reference
         assert pipeline["sampling"].get("consensus_only", False) == (stage.name == "warmup")
 
 

@@ -302,3 +302,25 @@ def test_token_kinds_mark_query_and_shot_labels(shards, fast):
         row_kind = kind[r, start:stop]
         # every answered row has its label, every shot row its label (single digits here)
         assert (row_kind == 2).sum() >= 1 and (row_kind == 3).sum() >= 8
+
+
+def test_without_packing_every_row_holds_one_task(shards, fast, backend):
+    """The reference's setting: one task per sequence, padded; the same sequences as
+    with packing, only laid out one per row."""
+    packed = iter(pipeline(shards, fast, shuffle=False, batch_size=1))
+    single = iter(pipeline(shards, fast, shuffle=False, batch_size=1, packing=False))
+    seen_packed, seen_single = [], []
+    for _ in range(4):
+        batch = next(single)
+        assert batch["segment_ids"].max() == 1
+        row = batch["segment_ids"][0]
+        n = int((row == 1).sum())
+        assert (row[:n] == 1).all() and (row[n:] == 0).all()
+        np.testing.assert_array_equal(batch["positions"][0, :n], np.arange(n))
+        assert not batch["loss_mask"][0, n:].any() and (batch["token_kind"][0, n:] == 0).all()
+        seen_single.append(batch["input_ids"][0, :n].tolist())
+    while len(seen_packed) < 12:
+        batch = next(packed)
+        for r, start, stop in segments(batch):
+            seen_packed.append(batch["input_ids"][r, start:stop].tolist())
+    assert all(sequence in seen_packed for sequence in seen_single)

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 
 from mllm_jax.data.tasks import decode_task
-from mllm_jax.encoding.pack import pack_dataset, sequence_features
+from mllm_jax.encoding.pack import pack_dataset, pad_dataset, sequence_features
 from mllm_jax.encoding.sampling import OverBudgetError, SamplingConfig, TaskEncodingError
 from mllm_jax.encoding.sequence import TaskSequenceEncoder
 from mllm_jax.encoding.tokens import PromptTokenizer, load_backend_tokenizer
@@ -44,6 +44,8 @@ class PipelineConfig:
         sampling: how a task becomes a sequence (shots, queries, token budget, ...).
         seq_len: length of a packed row; at least ``sampling.token_budget``.
         batch_size: rows per batch (per host).
+        packing: pack several sequences into a row (first fit); False gives one sequence
+            per row, padded (the reference's setting: batch 1 per device, no packing).
         packing_bins: rows filled at once by the first-fit packer.
         shuffle: shuffle the tasks (differently every epoch).
         num_epochs: passes over the shards; None repeats forever.
@@ -57,6 +59,7 @@ class PipelineConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seq_len: int = 32768
     batch_size: int = 1
+    packing: bool = True
     packing_bins: int = 8
     shuffle: bool = True
     num_epochs: int | None = None
@@ -195,13 +198,16 @@ def build_pipeline(
             )
         )
     )
-    rows = pack_dataset(
-        sequences,
-        seq_len=config.seq_len,
-        pad_id=tokenizer.pad_id,
-        num_packing_bins=config.packing_bins,
-        seed=seed,
-    )
+    if config.packing:
+        rows = pack_dataset(
+            sequences,
+            seq_len=config.seq_len,
+            pad_id=tokenizer.pad_id,
+            num_packing_bins=config.packing_bins,
+            seed=seed,
+        )
+    else:
+        rows = pad_dataset(sequences, seq_len=config.seq_len, pad_id=tokenizer.pad_id)
     batches = rows.batch(config.batch_size, drop_remainder=True)
     if config.worker_count > 0:
         _allow_grain_flags()

@@ -104,6 +104,37 @@ def pack_dataset(
     return packed.map(_ToTrainingRow())
 
 
+class _PadToRow:
+    """One sequence -> one training row of ``seq_len`` (no packing; picklable)."""
+
+    def __init__(self, seq_len: int, pad_id: int) -> None:
+        self.seq_len = seq_len
+        self.pad_id = pad_id
+
+    def __call__(self, element: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(element["input_ids"])
+        if n > self.seq_len:
+            raise ValueError(f"a sequence of {n} tokens does not fit a row of {self.seq_len}")
+        row = {
+            "input_ids": np.full(self.seq_len, self.pad_id, np.int32),
+            "targets": np.full(self.seq_len, self.pad_id, np.int32),
+            "loss_mask": np.zeros(self.seq_len, bool),
+            "token_kind": np.zeros(self.seq_len, np.int32),
+            "segment_ids": np.zeros(self.seq_len, np.int32),
+            "positions": np.zeros(self.seq_len, np.int32),
+        }
+        for key in _PACKED:
+            row[key][:n] = element[key]
+        row["segment_ids"][:n] = 1
+        row["positions"][:n] = np.arange(n, dtype=np.int32)
+        return row
+
+
+def pad_dataset(sequences: grain.IterDataset, *, seq_len: int, pad_id: int) -> grain.IterDataset:
+    """One sequence per row of ``seq_len`` (the reference trains this way: no packing)."""
+    return sequences.map(_PadToRow(seq_len, pad_id))
+
+
 def pack_sequences(
     sequences: Iterable[TrainingSequence],
     *,

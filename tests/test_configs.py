@@ -87,6 +87,10 @@ def test_single_gpu_variants_follow_the_recipe(name):
             ["train.stages.1.data.shards=[data/missing/*.array_record]"],
             r"train\.stages\[1\]\.data: 'data/missing/\*\.array_record' reads corpus 'missing'",
         ),
+        (
+            ["train.stages.1.data.shards=[data/full]"],
+            r"'data/full' names the corpus directory; .* 'data/full/\*\.array_record'",
+        ),
     ],
 )
 def test_bad_demo_configs_fail_at_load_naming_the_key(overrides, message):

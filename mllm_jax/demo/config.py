@@ -252,6 +252,11 @@ class DemoConfig:
                 continue
             for pattern in data.shards:
                 corpus = _corpus_of(pattern)
+                if corpus is not None and Path(pattern).parts[2:] == ():
+                    raise ValueError(
+                        f"train.{where}: {pattern!r} names the corpus directory; the demo "
+                        f"reads its shards by pattern: 'data/{corpus}/*.array_record'"
+                    )
                 if corpus is not None and corpus not in corpora:
                     raise ValueError(
                         f"train.{where}: {pattern!r} reads corpus {corpus!r}, which "

@@ -315,6 +315,14 @@ def test_bad_labels(ckpt):
         clf.fit(X, np.where(np.arange(12) == 2, np.nan, 1.0))
     with pytest.raises(ValueError, match="y has 5 labels but X has 12 rows"):
         clf.fit(X, np.zeros(5))
+    with pytest.raises(ValueError, match="y is continuous .* a regression target"):
+        clf.fit(X, np.linspace(0, 1, 12))
+    with pytest.raises(ValueError, match=r"y holds an infinite label \(inf at row 3\)"):
+        clf.fit(X, np.where(np.arange(12) == 3, np.inf, 1.0))
+    with pytest.raises(ValueError, match="y holds complex numbers"):
+        clf.fit(X, np.ones(12, dtype=complex))
+    # whole numbers as floats are class labels
+    assert clf.fit(X, np.arange(12) % 3 * 1.0).classes_.tolist() == [0.0, 1.0, 2.0]
 
 
 def test_bad_tables(ckpt, fitted):
@@ -333,6 +341,20 @@ def test_bad_tables(ckpt, fitted):
         model.predict_proba(bad.assign(c=["red"] * 12))
     with pytest.raises(ValueError, match="X is empty"):
         model.predict_proba(table(3, 1, text=True).iloc[:0])
+    with pytest.raises(ValueError, match="X holds complex numbers"):
+        clf.fit(X.to_numpy() + 1j, y)
+    with pytest.raises(ValueError, match="X column 'a' holds complex numbers"):
+        clf.fit(X.assign(a=X["a"] + 1j), y)
+    import scipy.sparse
+
+    with pytest.raises(TypeError, match="sparse matrix; .* pass a dense array"):
+        clf.fit(scipy.sparse.csr_matrix(X.to_numpy()), y)
+    text_in_numbers = table(3, 2, text=True).astype({"a": object})
+    text_in_numbers.loc[1, "a"] = "abc"
+    with pytest.raises(
+        ValueError, match=r"column 'a' holds numbers in the shots but 'abc' at row 1"
+    ):
+        model.predict_proba(text_in_numbers)
 
 
 def test_column_mismatch(fitted):

@@ -31,6 +31,7 @@ from mllm_jax.infer.validation import (
     as_frame,
     check_finite,
     check_labels,
+    check_numbers_stay_numbers,
     drop_empty_columns,
 )
 
@@ -220,6 +221,7 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         by_name = self.columns_by_name_ and isinstance(X, pd.DataFrame)
         frame = align_columns(frame, self.feature_columns_, by_name, "X")
         check_finite(frame, "X")
+        check_numbers_stay_numbers(frame[self.used_columns_], self.shots_, "X")
         return frame[self.used_columns_]
 
     def _member(self, member: int, test: pd.DataFrame):

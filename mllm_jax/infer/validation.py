@@ -27,10 +27,23 @@ def as_frame(X: object, what: str) -> pd.DataFrame:
     else:
         if isinstance(X, pd.Series):
             raise ValueError(f"{what} must be 2-D [rows, features]; got a Series (use .to_frame())")
+        if _is_sparse(X):
+            raise TypeError(
+                f"{what} is a sparse matrix; the prompt writes every value, so pass a dense "
+                "array (X.toarray()) or a DataFrame"
+            )
         array = np.asarray(X, dtype=object if _has_text(X) else None)
+        if np.iscomplexobj(array):
+            raise ValueError(f"{what} holds complex numbers; only real values can be encoded")
         if array.ndim != 2:
             raise ValueError(f"{what} must be 2-D [rows, features], got shape {array.shape}")
         frame = pd.DataFrame(array)
+    complex_columns = [c for c in frame.columns if pd.api.types.is_complex_dtype(frame[c])]
+    if complex_columns:
+        raise ValueError(
+            f"{what} column {complex_columns[0]!r} holds complex numbers; only real values "
+            "can be encoded"
+        )
     if frame.shape[0] == 0:
         raise ValueError(f"{what} is empty (0 rows)")
     if frame.shape[1] == 0:
@@ -39,6 +52,12 @@ def as_frame(X: object, what: str) -> pd.DataFrame:
         dup = frame.columns[frame.columns.duplicated()][0]
         raise ValueError(f"{what} has a duplicate column name {dup!r}")
     return frame.reset_index(drop=True)
+
+
+def _is_sparse(X: object) -> bool:
+    import scipy.sparse
+
+    return scipy.sparse.issparse(X)
 
 
 def _has_text(X: object) -> bool:
@@ -65,6 +84,24 @@ def check_finite(frame: pd.DataFrame, what: str) -> None:
             raise ValueError(
                 f"{what}: column {name!r} holds an infinite value ({values[bad[0]]} at row "
                 f"{bad[0]}); replace it or mark it missing (NaN)"
+            )
+
+
+def check_numbers_stay_numbers(test: pd.DataFrame, shots: pd.DataFrame, what: str) -> None:
+    """Raises ValueError naming the column, row and value where a column the shots hold
+    as numbers has a test value that is not one (the prompt would encode it as missing)."""
+    for name in test.columns:
+        if name not in shots.columns or not pd.api.types.is_numeric_dtype(shots[name]):
+            continue
+        column = test[name]
+        if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            continue
+        numbers = pd.to_numeric(column, errors="coerce")
+        bad = np.flatnonzero(numbers.isna().to_numpy() & column.notna().to_numpy())
+        if len(bad):
+            raise ValueError(
+                f"{what}: column {name!r} holds numbers in the shots but {column.iloc[bad[0]]!r} "
+                f"at row {bad[0]}; mark a missing value as NaN"
             )
 
 
@@ -113,6 +150,21 @@ def check_labels(y: object, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(
             f"y has {len(missing)} missing labels (first at row {missing[0]}); drop those rows"
         )
+    if labels.dtype.kind in "fc" or (labels.dtype == object and _all_numbers(labels)):
+        numbers = labels.astype(np.complex128 if labels.dtype.kind == "c" else np.float64)
+        if np.iscomplexobj(numbers):
+            raise ValueError("y holds complex numbers; class labels must be real")
+        bad = np.flatnonzero(~np.isfinite(numbers))
+        if len(bad):
+            raise ValueError(f"y holds an infinite label ({numbers[bad[0]]} at row {bad[0]})")
+        from sklearn.utils.multiclass import type_of_target
+
+        if type_of_target(numbers) == "continuous":
+            raise ValueError(
+                "y is continuous (non-integer numbers, e.g. "
+                f"{numbers[numbers != np.round(numbers)][0]}): a regression target; "
+                "this is a classifier, so pass class labels"
+            )
     try:
         classes, codes = np.unique(labels, return_inverse=True)
     except TypeError as error:
@@ -125,6 +177,10 @@ def check_labels(y: object, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
             f"{', ...' if len(classes) > 12 else ''})"
         )
     return classes, codes.astype(np.int64)
+
+
+def _all_numbers(labels: np.ndarray) -> bool:
+    return all(isinstance(v, int | float | np.number) and not isinstance(v, bool) for v in labels)
 
 
 def align_columns(frame: pd.DataFrame, fitted: Sequence, by_name: bool, what: str) -> pd.DataFrame:

@@ -140,3 +140,20 @@ def test_filter_into_writes_accepted_tasks_report_and_log(tmp_path):
     lines = (tmp_path / "tasks.jsonl").read_text().splitlines()
     assert [json.loads(line)["index"] for line in lines] == list(range(6))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "tasks.jsonl"]
+
+
+def test_a_filter_that_always_raises_fails_the_run_with_its_traceback(tmp_path):
+    """A systematic filter bug must not pass as an empty corpus with exit status 0."""
+    from mllm_jax.filtering.run import FilterErrorRateError, _check_errors, filter_into
+
+    broken = dataclasses.replace(CONFIG)
+    object.__setattr__(broken, "max_features", "bogus")  # past validation: sklearn raises
+    kept = []
+    with pytest.raises(FilterErrorRateError, match=r"3 of 3 tasks made a filter raise") as err:
+        filter_into([_tasks(12)], kept.append, broken, workers=2, progress=False)
+    assert "Traceback" in str(err.value) and "max_features" in str(err.value)
+    assert kept == []
+    # rare errors pass; more than 1% at the end fails
+    _check_errors(["one"], 200, final=True)
+    with pytest.raises(FilterErrorRateError, match="3 of 200"):
+        _check_errors(["a", "b", "c"], 200, final=True)

@@ -237,16 +237,19 @@ def _generate(
         if config.filter is None:
             report = _write_unfiltered(tasks, writer, len(indices), progress)
         else:
-            from mllm_jax.filtering.run import filter_into
+            from mllm_jax.filtering.run import FilterErrorRateError, filter_into
 
-            report = filter_into(
-                tasks,
-                writer.add,
-                config.filter,
-                workers=config.workers,
-                total=len(indices),
-                progress=progress,
-            )
+            try:
+                report = filter_into(
+                    tasks,
+                    writer.add,
+                    config.filter,
+                    workers=config.workers,
+                    total=len(indices),
+                    progress=progress,
+                )
+            except FilterErrorRateError as error:
+                raise GenerateError(str(error)) from error
             report.pop("config", None)  # recorded once, under "filter"
     wall = time.perf_counter() - started
     manifest = {

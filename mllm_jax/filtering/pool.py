@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -71,7 +72,7 @@ def _filter_in_worker(task: Task, config: FilterConfig) -> tuple[FilterResult, i
         result = FilterResult(
             False,
             Reason.FILTER_ERROR,
-            f"task {task.index}: {type(exc).__name__}: {exc}",
+            f"task {task.index}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}",
             None,
             seconds=time.perf_counter() - start,
         )

@@ -15,6 +15,25 @@ from mllm_jax.data.tasks import Task
 from mllm_jax.filtering.config import FilterConfig
 from mllm_jax.filtering.pool import FilterPool
 from mllm_jax.filtering.report import FilterReport
+from mllm_jax.filtering.result import Reason
+
+
+MAX_ERROR_SHARE = 0.01
+"""Filter errors (a filter raised) beyond this share of the tasks seen fail the run."""
+
+
+class FilterErrorRateError(RuntimeError):
+    """Too many tasks made a filter raise: a bug, not bad tasks; the message shows the first."""
+
+
+def _check_errors(errors: list[str], seen: int, final: bool) -> None:
+    # Mid-stream a systematic bug shows within a few tasks; at the end, the share decides.
+    limit = MAX_ERROR_SHARE * seen
+    if len(errors) > max(limit, 0 if final else 2):
+        raise FilterErrorRateError(
+            f"{len(errors)} of {seen} tasks made a filter raise (more than "
+            f"{MAX_ERROR_SHARE:.0%}); a systematic error, the first:\n{errors[0]}"
+        )
 
 
 def filter_into(
@@ -46,6 +65,10 @@ def filter_into(
     Returns:
         The report as plain data (see :meth:`FilterReport.to_json`), also written to
         ``report_path``.
+
+    Raises:
+        FilterErrorRateError: more than 1% of the tasks (or, before the end, more than 2
+            in all) made a filter raise; the message holds the first traceback.
     """
     from rich.console import Console
     from rich.progress import (
@@ -59,6 +82,7 @@ def filter_into(
     config = config or FilterConfig()
     report = FilterReport()
     log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115
+    errors: list[str] = []
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -72,6 +96,9 @@ def filter_into(
             task_id = bar.add_task("filtering", total=total)
             for item in pool.imap(source):
                 report.add(item)
+                if item.result.reason == Reason.FILTER_ERROR:
+                    errors.append(item.result.message or "")
+                    _check_errors(errors, report.tasks_seen, final=False)
                 if item.result.accepted:
                     sink(item.task)
                 if log is not None:
@@ -83,6 +110,7 @@ def filter_into(
                     description=f"filtering (kept {report.accepted}/{report.tasks_seen})",
                 )
             restarts, workers_used = pool.restarts, pool.workers
+        _check_errors(errors, report.tasks_seen, final=True)
     finally:
         if log is not None:
             log.close()

@@ -17,7 +17,6 @@ from mllm_jax.filtering.pool import FilterPool
 from mllm_jax.filtering.report import FilterReport
 from mllm_jax.filtering.result import Reason
 
-
 MAX_ERROR_SHARE = 0.01
 """Filter errors (a filter raised) beyond this share of the tasks seen fail the run."""
 

@@ -322,3 +322,29 @@ def test_gpu_script_sets_the_job_from_env_or_slurm():
     assert "JAX_NUM_PROCESSES=4 JAX_PROCESS_ID=3" in slurm.stdout
     missing = dry(NUM_NODES="2")
     assert missing.returncode == 2 and "set COORDINATOR NODE_RANK" in missing.stderr
+
+
+def test_a_failed_cluster_detection_is_an_error_where_a_cluster_is_evident(monkeypatch):
+    """Under SLURM with several tasks (or on a multi-host TPU VM) a detector that raises
+    must not turn the job into independent single-process runs."""
+    from jax._src.clusters import ClusterEnv
+
+    class BrokenCluster:
+        opt_in_only_method = False
+
+        @staticmethod
+        def is_env_present():
+            raise RuntimeError("metadata server unreachable")
+
+    monkeypatch.setattr(ClusterEnv, "_cluster_types", [BrokenCluster])
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}
+    with pytest.raises(
+        DistributedError, match=r"multi-host job \(SLURM\).*BrokenCluster.*unreachable"
+    ):
+        distributed.detected_cluster(slurm)
+    tpu = {"TPU_WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2"}
+    with pytest.raises(DistributedError, match="Cloud TPU VM"):
+        distributed.detected_cluster(tpu)
+    # nothing evident: a failing detector means no cluster
+    assert distributed.detected_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+    assert distributed.detected_cluster({}) is None

@@ -132,20 +132,48 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
         raise DistributedError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def detected_cluster() -> str | None:
+def evident_cluster(env: Mapping[str, str] | None = None) -> str | None:
+    """A multi-host environment that the process's variables show without asking anyone:
+    a SLURM job of several tasks, or a Cloud TPU VM; None when nothing says so."""
+    env = os.environ if env is None else env
+    tasks = env.get("SLURM_NTASKS") or env.get("SLURM_STEP_NUM_TASKS")
+    if "SLURM_JOB_ID" in env and tasks is not None and tasks.isdigit() and int(tasks) > 1:
+        return "SLURM"
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return "Cloud TPU VM (TPU_WORKER_HOSTNAMES)"
+    return None
+
+
+def detected_cluster(env: Mapping[str, str] | None = None) -> str | None:
     """The name of the cluster environment jax would bootstrap from (Cloud TPU VM pod,
-    GKE TPU, SLURM, Open MPI), or None. Uses jax's own detectors (an internal API: on a
-    jax without it, nothing is detected and explicit settings are needed)."""
+    GKE TPU, SLURM, Open MPI), or None. Uses jax's own detectors (an internal API).
+
+    Where the environment evidently is a multi-host job (`evident_cluster`), a detector
+    that is missing or fails is an error: falling back to a single process would make
+    every host of the job train alone. Elsewhere such a failure means no cluster.
+    """
+    evident = evident_cluster(env)
     try:
         from jax._src.clusters import ClusterEnv
-    except ImportError:  # pragma: no cover - depends on the jax version
+    except ImportError as err:  # pragma: no cover - depends on the jax version
+        if evident is not None:
+            raise DistributedError(
+                f"this looks like a multi-host job ({evident}), but this jax has no cluster "
+                f"detection ({err}); give --coordinator/--num-processes/--process-id"
+            ) from err
         return None
-    for env in ClusterEnv._cluster_types:
+    for cluster in ClusterEnv._cluster_types:
         try:
-            if not env.opt_in_only_method and env.is_env_present():
-                return env.__name__
-        except Exception as err:  # a detector that cannot decide is not a cluster
-            log.debug("cluster detector %s failed: %s", env.__name__, err)
+            if not cluster.opt_in_only_method and cluster.is_env_present():
+                return cluster.__name__
+        except Exception as err:
+            if evident is not None:
+                raise DistributedError(
+                    f"this looks like a multi-host job ({evident}), but jax's "
+                    f"{cluster.__name__} detector failed: {type(err).__name__}: {err}; fix "
+                    "the environment or give --coordinator/--num-processes/--process-id"
+                ) from err
+            log.debug("cluster detector %s failed: %s", cluster.__name__, err)
     return None
 
 

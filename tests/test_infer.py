@@ -273,6 +273,13 @@ def test_scikit_learn_api(fitted, ckpt):
     np.testing.assert_allclose(
         arr.predict_proba(shots.to_numpy()[:3]), clf.predict_proba(shots.iloc[:3]), atol=1e-12
     )
+    # its tags say what it reads: text and missing values, not sparse matrices
+    tags = clf.__sklearn_tags__().input_tags
+    assert (tags.allow_nan, tags.string, tags.sparse) == (True, True, False)
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        clone(clf).predict(shots)
 
 
 def test_generate_mode(fitted):

@@ -134,6 +134,15 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         self.empty_columns = empty_columns
         self.verbose = verbose
 
+    def __sklearn_tags__(self):
+        """It reads text and missing values (the prompt writes both), not sparse input."""
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True
+        tags.input_tags.string = True
+        tags.input_tags.categorical = True
+        tags.input_tags.sparse = False
+        return tags
+
     # ------------------------------------------------------------------ settings
 
     def _check_params(self) -> None:
@@ -317,7 +326,8 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: Any) -> np.ndarray:
         """[n] the most probable class of each row (ties: the first in `classes_`)."""
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)  # first: an unfitted model raises NotFittedError here
+        return self.classes_[np.argmax(proba, axis=1)]
 
 
 class _Progress:

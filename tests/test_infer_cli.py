@@ -106,15 +106,18 @@ def test_eval_with_model_end_to_end(ckpt, tmp_path):
             "eval",
             *("--data", "iris", "--shots", "8", "--seeds", "0", "--methods", "majority"),
             *("--max-test", "7", "--out", str(out), "--no-plots", "--fail-fast"),
-            *("--model", str(ckpt), "--model-options", options),
+            *("--model", str(ckpt), "--model-options", options, "--permuted-shots"),
         ],
     )
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "results.csv")
-    assert set(table["method"]) == {"majority", "mllm"}
+    assert set(table["method"]) == {"majority", "mllm", "mllm_permuted"}
     row = table[table["method"] == "mllm"].iloc[0]
     assert row["n_test"] == 7 and 0.0 <= row["accuracy"] <= 1.0
     assert np.isfinite(row["log_loss"])
+    # the control sees the same rows with the shot labels shuffled: another prompt
+    control = table[table["method"] == "mllm_permuted"].iloc[0]
+    assert control["n_test"] == 7 and control["log_loss"] != row["log_loss"]
 
     bad = CliRunner().invoke(
         app,

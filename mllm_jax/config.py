@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from mllm_jax.foundation.files import default_mode
+
 T = TypeVar("T")
 
 
@@ -270,6 +272,7 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    default_mode(tmp)
     try:
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(to_dict(config), f, sort_keys=False)

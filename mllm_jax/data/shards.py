@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm_jax.data.tasks import Task, encode_task
+from mllm_jax.foundation.files import default_mode
 
 MANIFEST_FORMAT = "mllm_jax.task_corpus"
 MANIFEST_VERSION = 1
@@ -45,6 +46,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Writes JSON to a temporary file beside ``path``, then renames it into place."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    default_mode(tmp)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)

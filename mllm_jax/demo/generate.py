@@ -20,6 +20,7 @@ from mllm_jax.data.shards import ShardWriter
 from mllm_jax.data.tasks import Task
 from mllm_jax.demo.config import CorpusConfig, GenerateConfig
 from mllm_jax.eval.results_io import write_json
+from mllm_jax.foundation.files import default_mode
 
 REPORT_FILE = "report.json"
 
@@ -42,6 +43,7 @@ def generate_corpus(
     final = corpus_dir(out, corpus.name)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{corpus.name}.tmp-", dir=final.parent))
+    default_mode(staging, directory=True)
     try:
         writer = ShardWriter(staging, config.tasks_per_shard)
         batches = iter_task_batches(

@@ -29,6 +29,7 @@ import pandas as pd
 
 from mllm_jax.encoding.table import encode_table
 from mllm_jax.encoding.tokens import PromptTokenizer
+from mllm_jax.foundation.files import default_mode
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def table_token_stats(
 
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    default_mode(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -141,6 +143,7 @@ def plot_stats(stats: Sequence[TableTokenStats], path: Path, context: int) -> No
     fig.suptitle("Qwen2.5 tokens: compact encoding vs plain CSV, real datasets")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    default_mode(tmp)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=150)

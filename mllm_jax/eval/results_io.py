@@ -15,12 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mllm_jax.foundation.files import default_mode
+
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Writes `data` to a temporary file next to `path`, then renames it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    default_mode(temporary)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

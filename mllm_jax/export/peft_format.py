@@ -28,6 +28,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from mllm_jax.foundation.files import default_mode
 from mllm_jax.model.hf import hf_to_ours, ours_to_hf
 from mllm_jax.model.lora import (
     LoRAError,
@@ -160,8 +161,11 @@ def _write_atomically(target: Path, overwrite: bool, write) -> Path:
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    default_mode(tmp, directory=True)
     try:
         write(tmp)
+        for path in tmp.rglob("*"):  # safetensors creates its files private
+            default_mode(path, directory=path.is_dir())
         if target.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, trash / target.name)

@@ -20,6 +20,7 @@ import pandas as pd
 from rich.console import Console
 
 from mllm_jax.eval.datasets import MISSING_MARKERS, DatasetError, load_csv
+from mllm_jax.foundation.files import default_mode
 from mllm_jax.infer.classifier import MLLMClassifier
 
 USAGE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError)
@@ -45,6 +46,7 @@ def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
     """Writes to a temporary file next to `path`, then renames it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    default_mode(tmp)
     try:
         with os.fdopen(fd, "w", newline="") as handle:
             frame.to_csv(handle, index=False)

@@ -29,6 +29,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from mllm_jax.foundation.files import default_mode
 from mllm_jax.model.config import Qwen2Config
 from mllm_jax.model.layers import AXIS_UNITS, LOGICAL_AXES
 from mllm_jax.model.qwen2 import Qwen2ForCausalLM
@@ -334,6 +335,7 @@ def save_hf(
     if is_writer:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        default_mode(tmp, directory=True)
     try:
         weight_map: dict[str, str] = {}
         total = 0
@@ -352,6 +354,7 @@ def save_hf(
                 total += tensors[name].nbytes
             if tmp is not None:
                 save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+                default_mode(tmp / fname)  # safetensors creates its files private
             del tensors
         if tmp is not None:
             if len(shards) > 1:

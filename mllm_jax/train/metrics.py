@@ -20,6 +20,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from mllm_jax.foundation.files import default_mode
+
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
@@ -58,6 +60,7 @@ class MetricsLog:
             if record.get("step", 0) <= step:
                 kept.append(line)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        default_mode(tmp)
         with os.fdopen(fd, "w") as f:
             f.writelines(line + "\n" for line in kept)
         os.replace(tmp, self.path)

@@ -1,9 +1,6 @@
 """The runner: reports, resume without duplicates, refusals, errors, plug-ins, the CLI."""
 
-import importlib.machinery
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -246,37 +243,43 @@ def test_plug_in_classes_are_checked(tmp_path, datasets):
     )
 
 
-def test_llm_classifier_plugs_in_as_one_more_method(tmp_path, datasets, monkeypatch):
-    """A stand-in `mllm_jax.infer.MLLMClassifier` with the estimator API the issue specifies."""
-    created = []
+def test_llm_classifier_plugs_in_as_one_more_method(tmp_path, datasets):
+    """The real MLLMClassifier on a tiny random Qwen2 checkpoint, beside kNN, through the
+    harness: one entry per seed, probabilities the harness could score, and the same
+    numbers as the classifier fitted by hand on that entry's shots."""
+    from mllm_jax.infer import MLLMClassifier
+    from mllm_jax.model import init_model, preset, save_hf
 
-    class MLLMClassifier:
-        def __init__(self, model_path, random_state=None):
-            created.append((model_path, random_state))
-            self.inner = BASELINES["knn"](random_state)
-
-        def fit(self, X, y):
-            self.inner.fit(X, y)
-            self.classes_ = self.inner.classes_
-            return self
-
-        def predict_proba(self, X):
-            return self.inner.predict_proba(X)
-
-    fake = types.ModuleType("mllm_jax.infer")
-    fake.__spec__ = importlib.machinery.ModuleSpec("mllm_jax.infer", None)
-    fake.MLLMClassifier = MLLMClassifier
-    monkeypatch.setitem(sys.modules, "mllm_jax.infer", fake)
-
-    methods = resolve_methods(["knn"], model_dir=tmp_path / "model")
+    model = tmp_path / "model"
+    config = preset("tiny", vocab_size=151936, tie_word_embeddings=True, initializer_range=0.2)
+    save_hf(init_model(config, 0), model)
+    options = {"chunk_size": 8, "batch_size": 4, "dtype": "float32"}
+    methods = resolve_methods(["knn"], model_dir=model, model_options=options)
+    protocol = Protocol(max_test=12)
     summary = run_evaluation(
-        datasets[:1], methods, [8], [0, 1], tmp_path / "out", PROTOCOL, write_plots=False
+        datasets[:1], methods, [8], [0, 1], tmp_path / "out", protocol, write_plots=False
     )
     table = pd.read_csv(tmp_path / "out" / "results.csv")
     assert summary.errors == [] and set(table["method"]) == {"knn", "mllm"}
-    assert created == [(str(tmp_path / "model"), 0), (str(tmp_path / "model"), 1)]
-    both = table.pivot_table(index="seed", columns="method", values="accuracy")
-    np.testing.assert_allclose(both["mllm"], both["knn"])
+    ours = table[table["method"] == "mllm"].sort_values("seed")
+    assert ours["seed"].tolist() == [0, 1] and (ours["n_test"] == 12).all()
+    assert np.isfinite(ours["log_loss"]).all()
+    # the harness's number is the classifier's own, on the rows the harness drew
+    from mllm_jax.eval.protocol import build_plan
+
+    dataset = datasets[0]
+    entry = build_plan([dataset], [8], [0], protocol).entries[0]
+    (episode,) = entry.episodes
+    features = dataset.features.iloc[:, list(entry.columns)]
+    clf = MLLMClassifier(str(model), random_state=0, **options)
+    clf.fit(features.iloc[episode.train].reset_index(drop=True), dataset.labels[episode.train])
+    proba = np.zeros((len(episode.test), dataset.n_classes))
+    proba[:, clf.classes_] = clf.predict_proba(features.iloc[episode.test].reset_index(drop=True))
+    from mllm_jax.eval.metrics import compute_metrics
+
+    expected = compute_metrics(dataset.labels[episode.test], proba)
+    assert ours.iloc[0]["log_loss"] == pytest.approx(expected["log_loss"], rel=1e-9)
+    assert ours.iloc[0]["accuracy"] == pytest.approx(expected["accuracy"])
 
 
 def test_cli_runs_baselines_and_reports_missing_llm(tmp_path, monkeypatch):

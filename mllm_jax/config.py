@@ -65,6 +65,12 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own message says best what is wrong
+            try:
+                return _convert(options[0], value, where)
+            except ConfigError as err:
+                raise ConfigError(f"{err} (or null)") from None
         for option in args:
             if option is type(None):
                 continue

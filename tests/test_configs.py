@@ -51,6 +51,7 @@ def test_paper_recipe():
         assert pipeline["sampling"]["token_budget"] == 32000
         assert pipeline["seq_len"] == 32768
         assert pipeline["packing"] is False  # one task per sequence, as the reference
+        assert stage.epochs == 1 and stage.steps is None  # one epoch per stage, as the paper
         assert pipeline["sampling"].get("consensus_only", False) == (stage.name == "warmup")
 
 

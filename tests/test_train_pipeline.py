@@ -68,3 +68,52 @@ def test_trains_on_shards_and_checkpoints_the_grain_position(tmp_path):
     want, got = next(fresh), next(resumed)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_stage_length_in_epochs(tmp_path):
+    """epochs: 1 without packing is tasks / (batch_size * grad_accum) steps, one task per
+    row as the reference; with packing the measured tasks per row divide it too."""
+    from mllm_jax.data.pipeline import PipelineConfig
+    from mllm_jax.encoding.sampling import SamplingConfig
+    from mllm_jax.train.data import default_data
+    from mllm_jax.train.epochs import resolve_steps
+
+    rng = np.random.default_rng(1)
+    shard = tmp_path / "tasks-00000.array_record"
+    writer = ArrayRecordWriter(str(shard), "group_size:1")
+    for i in range(50):
+        writer.write(encode_task(_task(rng, i)))
+    writer.close()
+
+    def config(packing: bool, epochs: float) -> TrainConfig:
+        pipeline = (
+            "{sampling: {min_shots: 4, max_shots: 8, max_queries: 3, token_budget: 768}, "
+            f"seq_len: 1024, batch_size: 2, packing: {str(packing).lower()}}}"
+        )
+        data = f"{{kind: shards, shards: ['{shard}'], seed: 4, pipeline: {pipeline}}}"
+        return load_config(
+            TrainConfig,
+            None,
+            [
+                f"stages=[{{name: a, steps: 7, learning_rate: 1e-3}}, "
+                f"{{name: b, epochs: {epochs}, learning_rate: 1e-3, data: {data}}}]",
+                "grad_accum=5",
+            ],
+        )
+
+    lines = []
+    unpacked = resolve_steps(config(False, 1), default_data, lines.append)
+    assert [s.steps for s in unpacked.stages] == [7, 5]  # 50 tasks / (2 rows x 5 micro)
+    assert unpacked.total_steps == 12 and all(s.epochs is None for s in unpacked.stages)
+    assert "1 epoch(s) of 50 tasks on this host / (10 rows per step x 1 task per row" in lines[0]
+    twice = resolve_steps(config(False, 2.5), default_data, lines.append)
+    assert twice.stages[1].steps == 13  # ceil(2.5 * 50 / 10)
+    packed = resolve_steps(config(True, 1), default_data, lines.append)
+    per_row = float(lines[-1].split(" x ")[1].split(" tasks per packed row")[0])
+    assert per_row > 1.5  # short prompts: several to a 1024-token row
+    assert packed.stages[1].steps == int(np.ceil(50 / (10 * per_row)))
+    with pytest.raises(ValueError, match="is given in epochs; resolve its steps first"):
+        _ = config(False, 1).total_steps
+    with pytest.raises(ValueError, match="give exactly one of steps and epochs"):
+        load_config(TrainConfig, None, ["stages=[{name: a, learning_rate: 1e-3}]"])
+    assert PipelineConfig(SamplingConfig(token_budget=8), seq_len=8).packing

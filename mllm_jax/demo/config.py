@@ -207,8 +207,8 @@ def _default_train() -> TrainConfig:
             compute_dtype="float32",
         ),
         stages=[
-            StageConfig("warmup", 40, 1e-2, _shards("warmup", 1, consensus_only=True)),
-            StageConfig("full", 120, 5e-3, _shards("full", 2)),
+            StageConfig("warmup", 1e-2, 40, _shards("warmup", 1, consensus_only=True)),
+            StageConfig("full", 5e-3, 120, _shards("full", 2)),
         ],
         validation=ValidationConfig(every=40, batches=2, data=_shards("heldout", 99)),
         mesh=MeshConfig(data=1, fsdp=1, tensor=1),

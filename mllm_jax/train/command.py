@@ -32,7 +32,7 @@ def train_command(config_path: Path, overrides: list[str], stop_at: int | None) 
     config = load_config(TrainConfig, config_path, overrides)
     result = train(config, stop_at=stop_at)
     last = next((h for h in reversed(result.history) if h.get("event") == "train"), None)
-    parts = [f"step {result.step}/{config.total_steps}", f"run {result.run_dir}"]
+    parts = [f"step {result.step}/{result.total_steps}", f"run {result.run_dir}"]
     if last is not None:
         parts.append(f"loss {last['loss']:.4f}")
     if result.best is not None:

@@ -129,18 +129,40 @@ class DataConfig:
 @dataclass(frozen=True)
 class StageConfig:
     """One curriculum stage: trains `steps` optimizer steps on `data` at peak `learning_rate`,
-    starting from the previous stage's trainable parameters (fresh optimizer state)."""
+    starting from the previous stage's trainable parameters (fresh optimizer state).
+
+    `epochs` instead of `steps`: passes over the stage's task shards, turned into steps at
+    the start of training (`train.epochs.resolve_steps`: tasks / tasks per step) and printed.
+    """
 
     name: str
-    steps: int
     learning_rate: float
+    steps: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
+    epochs: float | None = None
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"stage {self.name!r}: give exactly one of steps and epochs")
+        if self.steps is not None and self.steps < 1:
             raise ValueError(f"stage {self.name!r}: steps must be >= 1, got {self.steps}")
+        if self.epochs is not None:
+            if self.epochs <= 0:
+                raise ValueError(f"stage {self.name!r}: epochs must be > 0, got {self.epochs}")
+            if self.data.kind != "shards":
+                raise ValueError(f"stage {self.name!r}: epochs need task shards (data.kind)")
         if self.learning_rate < 0:
             raise ValueError(f"stage {self.name!r}: learning_rate must be >= 0")
+
+    @property
+    def length(self) -> int:
+        """The stage's steps; an error while they are still given in epochs."""
+        if self.steps is None:
+            raise ValueError(
+                f"stage {self.name!r} is given in epochs; resolve its steps first "
+                "(mllm_jax.train.epochs.resolve_steps)"
+            )
+        return self.steps
 
 
 @dataclass(frozen=True)
@@ -253,7 +275,7 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     stages: list[StageConfig] = field(
-        default_factory=lambda: [StageConfig(name="main", steps=100, learning_rate=1e-3)]
+        default_factory=lambda: [StageConfig(name="main", learning_rate=1e-3, steps=100)]
     )
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -281,14 +303,14 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        return sum(s.steps for s in self.stages)
+        return sum(s.length for s in self.stages)
 
     def stage_bounds(self) -> list[tuple[int, int]]:
         """[start, end) global optimizer steps of each stage."""
         bounds, start = [], 0
         for stage in self.stages:
-            bounds.append((start, start + stage.steps))
-            start += stage.steps
+            bounds.append((start, start + stage.length))
+            start += stage.length
         return bounds
 
 
@@ -312,6 +334,9 @@ def resume_fingerprint(config: TrainConfig) -> dict[str, Any]:
     data = to_dict(config)
     for name in _RESUME_FREE:
         data.pop(name)
+    for stage in data["stages"]:
+        if stage.get("epochs") is None:  # runs from before epochs existed still resume
+            stage.pop("epochs", None)
     return data
 
 

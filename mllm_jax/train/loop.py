@@ -57,6 +57,7 @@ from mllm_jax.train.data import (
     default_data,
     restore_positions,
 )
+from mllm_jax.train.epochs import resolve_steps
 from mllm_jax.train.interrupt import StopOnInterrupt
 from mllm_jax.train.label_metrics import label_metrics, label_slots, shot_metrics, shot_slots
 from mllm_jax.train.mesh import ShardingRules, make_mesh
@@ -87,6 +88,7 @@ class TrainResult:
     run_dir: Path
     split: SplitModel
     model_config: Qwen2Config
+    total_steps: int  # of the whole curriculum (stages in epochs resolved)
 
 
 # ------------------------------------------------------------------------- model setup
@@ -512,6 +514,7 @@ class _Run:
             run_dir=self.run_dir,
             split=self.split,
             model_config=self.model_config,
+            total_steps=self.config.total_steps,
         )
 
     def _stopped(self) -> bool:
@@ -537,7 +540,7 @@ class _Run:
         self.throughput.start = None
         for step in range(self.done, hi):
             batch, stats, data_state = feed.take(step)
-            lr = learning_rate(config.optimizer, stage.learning_rate, stage.steps, step - lo)
+            lr = learning_rate(config.optimizer, stage.learning_rate, stage.length, step - lo)
             first = self.throughput.start is None
             t0 = time.perf_counter()
             split.trainable, opt_state, split.rngs, metrics = self.train_step(
@@ -665,8 +668,18 @@ def train(
     checkpoint), e.g. to fit a job's time slot; rerun to continue.
     Raises CheckpointMismatchError (checkpoint of another config/base), BatchError (bad
     batch), DataExhaustedError (an iterator ended early) before or while training.
+    Stages given in `epochs` get their steps first (`mllm_jax.train.epochs.resolve_steps`,
+    reported on the console, the resolved config saved in the run directory).
     """
-    return _Run(config, data_factory or default_data, stop_at, console).run()
+    data_factory = data_factory or default_data
+    shown = console or Console(stderr=True)
+
+    def report(line: str) -> None:
+        if is_main_process():
+            shown.print(line)
+
+    config = resolve_steps(config, data_factory, report)
+    return _Run(config, data_factory, stop_at, console).run()
 
 
 # ----------------------------------------------------------------------- load_trained

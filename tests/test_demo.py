@@ -120,6 +120,10 @@ def check_artifacts(out: Path, config: dict) -> dict:
     assert train["steps"] == steps and train["mode"] == "full"
     assert np.isfinite([train["first_loss"], train["final_loss"]]).all()
     assert 0 < train["final_loss"] < 20  # ln(151936) = 11.9 at random init
+    # label-only numbers beside the shots' majority (the answer accuracy is mostly frame)
+    for key in ("validation_label_accuracy", "validation_majority_accuracy"):
+        assert 0.0 <= train[key] <= 1.0
+    assert train["validation_label_loss"] > 0 and train["validation_prior_loss"] > 0
     assert set(metrics["eval"]) == {"real", "synthetic"}
     assert set(metrics["eval"]["real"]["tables"]) == {
         "cmc", "eucalyptus", "golf_play_dataset_extended"
@@ -135,6 +139,7 @@ def check_artifacts(out: Path, config: dict) -> dict:
     assert metrics["total_seconds"] == pytest.approx(sum(r["seconds"] for r in stages.values()))
     summary = (out / "report" / "summary.md").read_text()
     assert "## Accuracy" in summary and "majority" in summary and "honest" in summary
+    assert "Query labels alone on the held-out validation prompts" in summary
     for plot in ("loss.png", "accuracy.png"):
         assert (out / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return metrics

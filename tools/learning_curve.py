@@ -16,6 +16,8 @@ import json
 import math
 from pathlib import Path
 
+from mllm_jax.train.label_metrics import SHOT_BUCKETS, bucket_name
+
 
 def validations(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
@@ -62,17 +64,24 @@ def plot(records: list[dict], path: Path) -> None:
     left.plot(steps, [_number(r["val_majority_accuracy"]) for r in records], "--",
               label="shots' majority")  # fmt: skip
     left.plot(steps, [_number(r.get("val_shot_label_accuracy")) for r in records],
-              label="shot labels (next shot)")  # fmt: skip
+              label="shot labels (argmax of all 10 digits)")  # fmt: skip
     left.set_xlabel("step")
     left.set_ylabel("held-out accuracy")
     left.legend()
-    for key, what in (("val_by_shots", "query"), ("val_shot_by_before", "next shot")):
-        curve = records[-1].get(key) or {}
-        names = list(curve)
-        right.plot(names, [curve[n]["label_accuracy"] for n in names], "o-",
+    curves = {
+        what: records[-1].get(key) or {}
+        for key, what in (("val_by_shots", "query"), ("val_shot_by_before", "next shot"))
+    }
+    order = [bucket_name(b) for b in (0, *SHOT_BUCKETS)]
+    names = [n for n in order if any(n in curve for curve in curves.values())]
+    for what, curve in curves.items():
+        x = [names.index(n) for n in names if n in curve]
+        shown = [n for n in names if n in curve]
+        right.plot(x, [curve[n]["label_accuracy"] for n in shown], "o-",
                    label=f"{what} label: model")  # fmt: skip
-        right.plot(names, [curve[n]["majority_accuracy"] for n in names], "s--",
+        right.plot(x, [curve[n]["majority_accuracy"] for n in shown], "s--",
                    label=f"{what} label: majority of the shots")  # fmt: skip
+    right.set_xticks(range(len(names)), names)
     right.set_xlabel(f"shots before it in the prompt (step {records[-1]['step']})")
     right.set_ylabel("held-out accuracy")
     right.legend(fontsize=8)

@@ -179,7 +179,12 @@ def shot_metrics(slots: ShotSlots, logits: np.ndarray) -> dict[str, object]:
     label = slots.label[keep]
     hit = np.where(slots.classes[keep], picked, -np.inf).argmax(axis=1) == label
     majority = slots.before[keep].argmax(axis=1) == label
-    names = np.array([bucket_name(int(k)) for k in slots.before[keep].sum(axis=1)])
+    return {"shot_by_before": _curve(slots.before[keep].sum(axis=1), hit, majority)}
+
+
+def _curve(shots: np.ndarray, hit: np.ndarray, majority: np.ndarray) -> dict[str, dict[str, float]]:
+    """{bucket of `shots`: {slots, label_accuracy, majority_accuracy}} in bucket order."""
+    names = np.array([bucket_name(int(k)) for k in shots])
     curve: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys(bucket_name(b) for b in (0, *SHOT_BUCKETS)):
         sel = names == name
@@ -189,7 +194,7 @@ def shot_metrics(slots: ShotSlots, logits: np.ndarray) -> dict[str, object]:
                 "label_accuracy": float(hit[sel].mean()),
                 "majority_accuracy": float(majority[sel].mean()),
             }
-    return {"shot_by_before": curve}
+    return curve
 
 
 def label_metrics(slots: LabelSlots, logits: np.ndarray) -> dict[str, object]:
@@ -217,16 +222,7 @@ def label_metrics(slots: LabelSlots, logits: np.ndarray) -> dict[str, object]:
     n_classes = slots.classes.sum(axis=1)
     prior = (slots.shot_counts[rows, slots.label] + 1) / (slots.shots + n_classes)
     prior_loss = -np.log(np.where(shown, prior, 1.0 / np.maximum(slots.shots + n_classes, 1)))
-    by_shots: dict[str, dict[str, float]] = {}
-    names = np.array([bucket_name(int(s)) for s in slots.shots])
-    for name in dict.fromkeys(bucket_name(b) for b in (0, *SHOT_BUCKETS)):
-        sel = names == name
-        if sel.any():
-            by_shots[name] = {
-                "slots": int(sel.sum()),
-                "label_accuracy": float(hit[sel].mean()),
-                "majority_accuracy": float(majority[sel].mean()),
-            }
+    by_shots = _curve(slots.shots, hit, majority)
     finite = np.isfinite(loss)
     return {
         "label_accuracy": float(hit.mean()),

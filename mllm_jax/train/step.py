@@ -51,7 +51,8 @@ def _answer_sums(
 ) -> tuple[AnswerSums, nnx.State] | tuple[AnswerSums, nnx.State, dict[str, jax.Array]]:
     """Forward of one micro-batch (each array [batch, seq]) -> (answer-token sums, the rng
     state after the call); with `shots`, the shot-label sums are filled in; with `slots`
-    (needs `shots`), also the answer slots' candidate logits (`_answer_slots`)."""
+    (needs `shots`), also the label candidates' logits at the answer and shot-label slots
+    (see `make_eval_step`)."""
     # copy=True: fresh Variables at this trace level. Reusing the jit-level Variables of
     # the non-differentiated states makes nnx.remat (per-layer remat) refuse to update
     # them from inside jax.grad ("Cannot mutate Param from a different trace level").

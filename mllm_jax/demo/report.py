@@ -252,8 +252,9 @@ def _label_lines(train: Mapping[str, Any]) -> list[str]:
         f"{_fmt(train.get('validation_majority_accuracy'))} for the shots' majority class; "
         f"label loss {_fmt(train.get('validation_label_loss'))} against "
         f"{_fmt(train.get('validation_prior_loss'))} for the shots' class frequencies as a "
-        "guess. A model above the majority reads its shots; the small-scale recipe that "
-        "gets there is `configs/mini.yaml` (docs/mini.md).",
+        "guess. A model above the majority reads its shots. The small-scale learning "
+        "recipe, and why it does not get there on a CPU yet: `configs/mini.yaml`, "
+        "docs/mini.md.",
         "",
     ]
 

@@ -18,9 +18,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mllm_jax.encoding.tokens import TokenKind
+
 REQUIRED_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 BATCH_KEYS = (*REQUIRED_KEYS, "token_kind")
-SHOT_LABEL = 3  # encoding.tokens.TokenKind.SHOT_LABEL
+SHOT_LABEL = int(TokenKind.SHOT_LABEL)
 BATCH_AXES = ("data", "fsdp")
 
 

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LABEL, SHOT_LABEL = 2, 3  # encoding.tokens.TokenKind
+from mllm_jax.encoding.tokens import TokenKind
+
+LABEL, SHOT_LABEL = int(TokenKind.LABEL), int(TokenKind.SHOT_LABEL)
 SHOT_BUCKETS = (8, 16, 32, 64, 128)
 """Lower bounds of the shot-count buckets of the curve (the last is open above)."""
 

@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-N_KINDS = 4  # encoding.tokens.TokenKind: prompt, frame, label, shot label
-SHOT_LABEL = 3
+from mllm_jax.encoding.tokens import TokenKind
+
+N_KINDS = len(TokenKind)
+SHOT_LABEL = int(TokenKind.SHOT_LABEL)
 
 
 class AnswerSums(NamedTuple):
@@ -152,7 +154,7 @@ def full_logits_loss_sums(
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     weight = loss_mask.astype(jnp.float32)
     hit = jnp.argmax(logits, axis=-1) == targets
-    frame = jnp.zeros((N_KINDS,), jnp.float32).at[1]
+    frame = jnp.zeros((N_KINDS,), jnp.float32).at[int(TokenKind.FRAME)]
     zero = jnp.zeros((), jnp.float32)
     loss, tokens, correct = jnp.sum(ce * weight), jnp.sum(weight), jnp.sum(hit * weight)
     return AnswerSums(

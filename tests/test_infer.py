@@ -243,6 +243,40 @@ def test_classifier_probabilities(fitted):
     assert clf.score(test, truth) == pytest.approx(np.mean(clf.predict(test) == truth))
 
 
+def test_independent_rows(fitted):
+    """independent_rows: a row's probabilities are those of a one-row prompt after the
+    same shots, whatever rows come with it (order, subset, batch), and equal the uncached
+    full forward pass of that one-row prompt; chunked rows move with their neighbours."""
+    clf, shots, y = fitted
+    test = table(7, 21, text=True)
+    alone = clone(clf).set_params(independent_rows=True, batch_size=3).fit(shots, y)
+    proba = alone.predict_proba(test)
+    order = np.array([6, 2, 0, 5, 1, 4, 3])
+    np.testing.assert_allclose(alone.predict_proba(test.iloc[order]), proba[order], atol=1e-6)
+    np.testing.assert_allclose(alone.predict_proba(test.iloc[[4]]), proba[[4]], atol=1e-6)
+    one_row = clone(clf).set_params(chunk_size=1, batch_size=1).fit(shots, y)
+    np.testing.assert_allclose(one_row.predict_proba(test), proba, atol=1e-6)
+    loaded = alone._loaded()
+    prompt = build_chunked_prompt(
+        loaded.prompt_tokenizer, alone.shots_, alone.shot_codes_, test.iloc[[2]], chunk_size=1
+    )
+    full = _full_label_log_probs(loaded, prompt, np.zeros((1, 3), np.float32), 3)
+    np.testing.assert_allclose(np.exp(full), proba[[2]], atol=1e-5)
+    # The default shares prompts between rows: some row's probabilities change with order.
+    chunked = clf.predict_proba(test)
+    assert not np.allclose(clf.predict_proba(test.iloc[order]), chunked[order], atol=1e-6)
+    with pytest.raises(ValueError, match="independent_rows must be True or False"):
+        clone(clf).set_params(independent_rows="yes").fit(shots, y)
+
+
+def test_query_bucket():
+    from mllm_jax.infer.runner import QUERY_BUCKET, query_bucket
+
+    assert [query_bucket(n) for n in (1, 32, 33, 64, 65, 200, 256, 900)] == [
+        32, 32, 64, 64, 128, 256, QUERY_BUCKET, QUERY_BUCKET,
+    ]  # fmt: skip
+
+
 def test_ensembles_are_seeded(fitted):
     clf, shots, y = fitted
     test = table(4, 10, text=True)
@@ -372,7 +406,9 @@ def test_column_mismatch(fitted):
     with pytest.raises(ValueError, match=r"missing \[\], unexpected \['d'\]"):
         clf.predict_proba(test.assign(d=1.0))
     numeric = clone(clf).fit(table(9, 15).to_numpy(), labels(9, 15))
-    with pytest.raises(ValueError, match="has 2 features, but the classifier was fitted on 3"):
+    with pytest.raises(
+        ValueError, match="has 2 features, but MLLMClassifier is expecting 3 features"
+    ):
         numeric.predict_proba(np.zeros((2, 2)))
 
 

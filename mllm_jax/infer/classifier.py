@@ -9,6 +9,11 @@ MachineLearningLM prompt with the test rows in chunks, runs the shared prefix on
 scores each chunk's answer slot by slot (`mode="score"`), or generates the JSON answer
 and reads it with the reference's fallbacks (`mode="generate"`). With `n_ensembles > 1`
 the shots (and columns) are reordered per member and the probabilities averaged.
+
+Rows of one chunk attend to each other, so by default a row's probabilities depend on
+the rows predicted beside it (as in the reference, ~50 per prompt). `independent_rows=True`
+gives every test row a prompt of its own after the same cached shots, batched along the
+batch axis: predictions then do not depend on the other rows, their order or their count.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from mllm_jax.infer.validation import (
 )
 
 MODES = ("score", "generate")
+BATCH_INDEPENDENT = 4
+"""Default one-row prompts per model call with independent_rows (docs/infer.md)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +80,12 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
             user without a template, as the reference's vLLM evaluation fed it).
         n_shots: use at most this many training rows (a seeded uniform draw); None: all.
         chunk_size: test rows per prompt (the reference used 50).
+        independent_rows: one test row per prompt (chunk_size is then 1), so that a row's
+            prediction does not depend on the rows passed beside it; the shots are still
+            computed once and cached.
         batch_size: prompts (chunks) per model call; None: 1 on CPU (XLA:CPU runs the
-            shared-prefix attention of several rows slower than one), 4 on accelerators.
+            shared-prefix attention of several rows slower than one), 4 on accelerators,
+            BATCH_INDEPENDENT on either with independent_rows.
         n_ensembles: prompts with reordered shots and columns whose probabilities are
             averaged (member 0 keeps the given order).
         dtype: parameter/compute dtype ("float32", "bfloat16"); None: the checkpoint's.
@@ -101,6 +112,7 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         prompt_format: str = "chat",
         n_shots: int | None = None,
         chunk_size: int = 50,
+        independent_rows: bool = False,
         batch_size: int | None = None,
         n_ensembles: int = 1,
         dtype: str | None = None,
@@ -121,6 +133,7 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         self.prompt_format = prompt_format
         self.n_shots = n_shots
         self.chunk_size = chunk_size
+        self.independent_rows = independent_rows
         self.batch_size = batch_size
         self.n_ensembles = n_ensembles
         self.dtype = dtype
@@ -158,6 +171,10 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
                 continue
             if not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.independent_rows, bool | np.bool_):
+            raise ValueError(
+                f"independent_rows must be True or False, got {self.independent_rows!r}"
+            )
         if self.n_shots is not None and self.n_shots < 1:
             raise ValueError(f"n_shots must be >= 1 or None, got {self.n_shots}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -166,9 +183,14 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
     def _batch_size(self) -> int:
         if self.batch_size is not None:
             return int(self.batch_size)
+        if self.independent_rows:
+            return BATCH_INDEPENDENT
         import jax
 
         return 1 if jax.default_backend() == "cpu" else 4
+
+    def _chunk_size(self) -> int:
+        return 1 if self.independent_rows else int(self.chunk_size)
 
     def _seed(self) -> int:
         return 0 if self.random_state is None else int(self.random_state)
@@ -267,7 +289,7 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
                     shots,
                     codes,
                     member_test,
-                    chunk_size=self.chunk_size,
+                    chunk_size=self._chunk_size(),
                     prompt_format=self.prompt_format,  # type: ignore[arg-type]
                     style=self.style,  # type: ignore[arg-type]
                     clip_max=self.clip_max,

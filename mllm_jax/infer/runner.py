@@ -1,8 +1,9 @@
 """The host side of inference: batches chunks, pads to shape buckets, calls the engine.
 
 Shapes are rounded up (prefixes to multiples of 512 tokens per prefill call, query parts
-to multiples of 256, the batch to `batch_size` rows by repeating a chunk) so that a run
-over many tables compiles a handful of programs instead of one per table.
+to multiples of 256, or to a power of two from 32 when shorter, as one test row per prompt
+is, the batch to `batch_size` rows by repeating a chunk) so that a run over many tables
+compiles a handful of programs instead of one per table.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from mllm_jax.model import KVCache
 PREFIX_BUCKET = 512
 QUERY_BUCKET = 256
 """Prefixes and query parts are padded to multiples of these many tokens per model call."""
+SHORT_QUERY_MIN = 32
+"""Query parts shorter than QUERY_BUCKET are padded to a power of two of at least this."""
 
 Progress = Callable[[int], None]
 """Called with the number of test rows just finished."""
@@ -108,6 +111,15 @@ def _left_pad(rows: Sequence[np.ndarray], width: int, start: int, pad_id: int):
     return jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(segments)
 
 
+def query_bucket(longest: int) -> int:
+    """The padding step of a batch of query parts whose longest has `longest` tokens:
+    QUERY_BUCKET, or the next power of two (>= SHORT_QUERY_MIN) below it, so that a
+    one-row query part (~60 tokens) is not padded to 256."""
+    if longest >= QUERY_BUCKET:
+        return QUERY_BUCKET
+    return max(SHORT_QUERY_MIN, 1 << (max(longest, 1) - 1).bit_length())
+
+
 def prefill(loaded: LoadedModel, prefix: np.ndarray, max_chunk: int) -> KVCache:
     """The prefix in a batch-1 cache, left-padded to whole calls (`plan_calls`)."""
     chunk, width = plan_calls(len(prefix), max_chunk, PREFIX_BUCKET)
@@ -134,7 +146,8 @@ def _queries(
     if prefix is None:
         rows = [np.concatenate([prompt.prefix, r]) for r in rows]
     rows += [rows[0]] * (settings.batch_size - len(rows))  # fixed batch shape
-    chunk, width = plan_calls(max(len(r) for r in rows), settings.prefill_chunk, QUERY_BUCKET)
+    longest = max(len(r) for r in rows)
+    chunk, width = plan_calls(longest, settings.prefill_chunk, query_bucket(longest))
     start = 0 if prefix is None else len(prompt.prefix)
     return chunk, _left_pad(rows, width, start, loaded.prompt_tokenizer.pad_id)
 

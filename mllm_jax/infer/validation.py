@@ -34,20 +34,34 @@ def as_frame(X: object, what: str) -> pd.DataFrame:
             )
         array = np.asarray(X, dtype=object if _has_text(X) else None)
         if np.iscomplexobj(array):
-            raise ValueError(f"{what} holds complex numbers; only real values can be encoded")
+            raise ValueError(
+                f"{what} holds complex numbers (Complex data not supported); only real values "
+                "can be encoded"
+            )
         if array.ndim != 2:
-            raise ValueError(f"{what} must be 2-D [rows, features], got shape {array.shape}")
+            raise ValueError(
+                f"{what} must be 2-D [rows, features], got shape {array.shape}. Reshape your "
+                "data either using array.reshape(-1, 1) if it has a single feature or "
+                "array.reshape(1, -1) if it is a single row"
+            )
         frame = pd.DataFrame(array)
     complex_columns = [c for c in frame.columns if pd.api.types.is_complex_dtype(frame[c])]
     if complex_columns:
         raise ValueError(
-            f"{what} column {complex_columns[0]!r} holds complex numbers; only real values "
-            "can be encoded"
+            f"{what} column {complex_columns[0]!r} holds complex numbers (Complex data not "
+            "supported); only real values can be encoded"
         )
+    # scikit-learn's wording, which its estimator checks look for
     if frame.shape[0] == 0:
-        raise ValueError(f"{what} is empty (0 rows)")
+        raise ValueError(
+            f"{what} is empty: found array with 0 sample(s) (shape={frame.shape}) while a "
+            "minimum of 1 is required."
+        )
     if frame.shape[1] == 0:
-        raise ValueError(f"{what} has no feature columns")
+        raise ValueError(
+            f"{what} has no feature columns: found array with 0 feature(s) "
+            f"(shape={frame.shape}) while a minimum of 1 is required."
+        )
     if frame.columns.duplicated().any():
         dup = frame.columns[frame.columns.duplicated()][0]
         raise ValueError(f"{what} has a duplicate column name {dup!r}")
@@ -138,8 +152,23 @@ def drop_empty_columns(frame: pd.DataFrame, policy: str, what: str) -> list:
 def check_labels(y: object, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """(classes [K] sorted, codes i64[rows] into them); raises on missing labels, a length
     mismatch or more than MAX_CLASSES classes."""
+    if y is None:
+        raise ValueError(
+            "the classifier requires y to be passed, but the target y is None: pass the "
+            "shots' labels"
+        )
+    if isinstance(y, pd.DataFrame) and y.shape[1] == 1:
+        y = y.iloc[:, 0]
     labels = np.asarray(y.to_numpy() if isinstance(y, pd.Series | pd.Index) else y)
     if labels.ndim == 2 and labels.shape[1] == 1:
+        from sklearn.exceptions import DataConversionWarning
+
+        warnings.warn(
+            "A column-vector y was passed when a 1d array was expected; y of shape "
+            f"{labels.shape} is read as ({labels.shape[0]},), as ravel() would",
+            DataConversionWarning,
+            stacklevel=3,
+        )
         labels = labels[:, 0]
     if labels.ndim != 1:
         raise ValueError(f"y must be 1-D [rows], got shape {labels.shape}")
@@ -202,7 +231,8 @@ def align_columns(frame: pd.DataFrame, fitted: Sequence, by_name: bool, what: st
         return frame[fitted]
     if frame.shape[1] != len(fitted):
         raise ValueError(
-            f"{what} has {frame.shape[1]} features, but the classifier was fitted on {len(fitted)}"
+            f"{what} has {frame.shape[1]} features, but MLLMClassifier is expecting "
+            f"{len(fitted)} features as input (those seen in fit)"
         )
     frame = frame.copy()
     frame.columns = fitted

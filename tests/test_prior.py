@@ -155,13 +155,16 @@ def test_vmapped_task_blocks_draw_the_same_tasks(batch, count):
     vec = sample_tasks(SEED, 0, count, blocked, devices=one)
     for name in ("n_features", "n_train", "family", "valid"):
         assert np.array_equal(getattr(vec, name), getattr(batch, name)[:count]), name
-    # Rounding differences can grow through exp and the like, and move a class boundary.
-    most = count - count // 4
-    assert np.sum(vec.n_classes == batch.n_classes[:count]) >= most
+    # vmapped matmuls and reductions round differently (XLA picks other loop orders for
+    # a batch), about 1e-5 in X. Measured on seeds 7 and 8 (24 tasks each): the class
+    # counts always agreed, X agreed to 1e-3 in 47 of 48 tasks (in one, a rounding
+    # difference crossed a tree split and moved a column by ~6), and 7 of 48 label
+    # vectors differed, each in a few rows near a class boundary.
+    assert np.array_equal(vec.n_classes, batch.n_classes[:count])
     close = [np.allclose(vec.X[i], batch.X[i], rtol=1e-3, atol=1e-4) for i in range(count)]
-    assert sum(close) >= most, close
-    same_labels = [np.array_equal(vec.y[i], batch.y[i]) for i in range(count)]
-    assert sum(same_labels) >= most, same_labels
+    assert sum(close) >= count - count // 8, close
+    same_rows = np.mean([np.mean(vec.y[i] == batch.y[i]) for i in range(count)])
+    assert same_rows >= 0.98, same_rows
     # Other neighbours in the block, other padding: the same bytes.
     _same(vec, sample_tasks(SEED, 3, count - 3, blocked, devices=one), slice(3, count))
 

@@ -256,16 +256,21 @@ def test_bad_input_gets_clear_errors(shards, fast, tmp_path):
         next(iter(dataset))
 
 
-@pytest.mark.slow
-def test_worker_processes_resume_exactly(shards, fast):
-    it = iter(pipeline(shards, fast, worker_count=2))
-    head = [next(it) for _ in range(4)]
+@pytest.mark.parametrize(
+    ("workers", "before", "after"),
+    [(1, 2, 3), pytest.param(2, 4, 6, marks=pytest.mark.slow)],
+    ids=["one_worker", "two_workers"],
+)
+def test_worker_processes_resume_exactly(shards, fast, workers, before, after):
+    """grain's worker processes: a restored iterator state gives the uninterrupted batches."""
+    it = iter(pipeline(shards, fast, worker_count=workers))
+    head = [next(it) for _ in range(before)]
     state = iterator_state(it)
-    tail = [next(it) for _ in range(6)]
+    tail = [next(it) for _ in range(after)]
     it.close()
-    resumed = iter(pipeline(shards, fast, worker_count=2))
+    resumed = iter(pipeline(shards, fast, worker_count=workers))
     restore_iterator_state(resumed, state)
-    got = [next(resumed) for _ in range(6)]
+    got = [next(resumed) for _ in range(after)]
     resumed.close()
     assert_same_batches(got, tail)
     assert head

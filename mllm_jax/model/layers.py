@@ -2,8 +2,9 @@
 
 Every parameter carries flax variable metadata `logical_axes` (one name or None per
 dim, e.g. ("vocab", "embed")) and `axis_units` (a dim is only ever sharded in whole
-units, e.g. whole heads). `mllm_jax.train.mesh` maps the names onto a mesh; the model
-itself knows no mesh.
+units, e.g. whole heads). `mllm_jax.train.mesh` maps the names onto a mesh. These
+layers take at most an optional `ActivationSharding`; the model's placement helpers
+(`Qwen2ForCausalLM` sharded init, `cache`, `hf`, `lora`) import the trainer's mesh rules.
 """
 
 from __future__ import annotations

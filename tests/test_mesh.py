@@ -10,7 +10,7 @@ from jax.sharding import AxisType, PartitionSpec
 
 from mllm_jax.model import KVCache, init_model, load_hf, preset
 from mllm_jax.model.testing import save_hf_model
-from mllm_jax.train.mesh import ShardingRules, logical_to_spec, make_mesh
+from mllm_jax.train.mesh import MeshError, ShardingRules, logical_to_spec, make_mesh
 
 FORWARD = nnx.jit(lambda model, ids: model(ids))
 
@@ -20,7 +20,7 @@ def test_make_mesh_shapes_and_auto_axes():
     mesh = make_mesh(data=2, fsdp=-1, tensor=2)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     assert all(t == AxisType.Auto for t in mesh.axis_types)
-    with pytest.raises(ValueError, match="3 x fsdp=1 x tensor=1 = 3 devices, but 8"):
+    with pytest.raises(MeshError, match="3 x fsdp=1 x tensor=1 = 3 devices, but 8"):
         make_mesh(data=3)
     with pytest.raises(ValueError, match="at most one"):
         make_mesh(data=-1, fsdp=-1)

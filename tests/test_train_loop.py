@@ -220,6 +220,15 @@ def test_lora_target_that_matches_nothing_is_refused(runs, tmp_path):
     assert "LoRA target patterns ['qkv'] match no linear layer" in result.output
 
 
+def test_mesh_larger_than_the_devices_is_a_one_line_error(runs, tmp_path):
+    config_path, _, _ = runs
+    args = ["train", "--config", str(config_path), "--set", f"run_dir={tmp_path / 'run'}"]
+    result = CliRunner().invoke(app, [*args, "--set", "mesh={data: 4, fsdp: 4, tensor: 1}"])
+    assert result.exit_code == 2, result.output
+    assert "mesh data=4 x fsdp=4 x tensor=1 = 16 devices, but 8 are available" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_continue_from_a_peft_adapter(runs, tmp_path):
     config_path, straight, _ = runs
     trained, _ = load_trained(straight)
@@ -266,3 +275,72 @@ def test_killed_process_resumes_bitwise(runs, tmp_path):
     for name in pa:
         assert np.array_equal(pa[name], pb[name]), name
     assert _losses(straight) == _losses(run_dir)
+
+
+def _truncate_arrays(step_dir: Path) -> None:
+    """Halves every data file of the item (OCDBT keeps a merged copy beside the
+    per-process files; either may be read)."""
+    for path in (step_dir / "trainable").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CORRUPTIONS = {
+    "truncated_array_file": _truncate_arrays,
+    "deleted_item": lambda step_dir: shutil.rmtree(step_dir / "trainable"),
+    "deleted_meta": lambda step_dir: shutil.rmtree(step_dir / "meta"),
+}
+
+
+@pytest.mark.parametrize(
+    "corruption",
+    [
+        "truncated_array_file",
+        pytest.param("deleted_item", marks=pytest.mark.slow),
+        pytest.param("deleted_meta", marks=pytest.mark.slow),
+    ],
+)
+def test_unreadable_newest_checkpoint_is_set_aside_and_an_older_one_resumes(
+    runs, tmp_path, corruption
+):
+    """The newest step (6) damaged: one warning line, step 6 moved (not deleted) into
+    checkpoints.unreadable/, resume from step 4, and the end state of the straight run."""
+    config_path, straight, _ = runs
+    run_dir, cache = tmp_path / "damaged", straight.parent / "xla_cache"
+    shutil.copytree(straight, run_dir)
+    CORRUPTIONS[corruption](run_dir / "checkpoints" / "6")
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)}
+    command = [sys.executable, "-m", "mllm_jax.cli", "train", "--config", str(config_path)]
+    done = subprocess.run(
+        [*command, "--set", f"run_dir={run_dir}"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step 6/6" in done.stdout
+    warning = [line for line in done.stderr.splitlines() if "unreadable" in line]
+    assert len(warning) == 1 and "step 6" in warning[0] and "resuming from step 4" in warning[0]
+    assert "Traceback" not in done.stderr
+    (aside,) = (run_dir / "checkpoints.unreadable").iterdir()
+    assert aside.name.startswith("6-") and any(aside.iterdir())
+    a, _ = load_trained(straight)
+    b, _ = load_trained(run_dir)
+    pa, pb = host_params(nnx.state(a, LoRAParam)), host_params(nnx.state(b, LoRAParam))
+    for name in pa:
+        assert np.array_equal(pa[name], pb[name]), name
+    assert _losses(run_dir) == _losses(straight)  # steps 5 and 6 once each, same values
+
+
+def test_no_readable_checkpoint_is_a_one_line_error_naming_the_run(runs, tmp_path):
+    config_path, straight, _ = runs
+    run_dir = tmp_path / "all-damaged"
+    shutil.copytree(straight, run_dir)
+    steps = sorted((run_dir / "checkpoints").iterdir())
+    for step_dir in steps:
+        shutil.rmtree(step_dir / "meta")
+    result = CliRunner().invoke(
+        app, ["train", "--config", str(config_path), "--set", f"run_dir={run_dir}"]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"run {run_dir}: no checkpoint in" in result.output
+    assert "left in place" in result.output
+    assert sorted((run_dir / "checkpoints").iterdir()) == steps  # nothing moved
+    assert not (run_dir / "checkpoints.unreadable").exists()

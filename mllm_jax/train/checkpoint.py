@@ -11,12 +11,18 @@ Base weights are not saved: they are re-read from `base.path` on restore, and `b
 (over the checkpoint's files) proves they are the same bytes. `restore` refuses a
 checkpoint whose fingerprint or base differs from the current run, naming the keys.
 Saves are asynchronous; `close()` waits for the last one (a killed process leaves at
-most an unfinished temporary directory, which orbax ignores).
+most an unfinished temporary directory, which orbax ignores). A step that cannot be read
+back (a truncated array file, a deleted item or metadata) is moved by `set_aside` into
+`<checkpoints>.unreadable/`, never deleted, and the trainer resumes from an older step.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
+import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,47 @@ _CHUNK = 1 << 24
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint that belongs to another config or another base model."""
+
+
+class CheckpointReadError(RuntimeError):
+    """No checkpoint of a run can be read back."""
+
+
+def silence_closed_loop_callbacks() -> None:
+    """Drops the "Event loop is closed" tracebacks of a failed restore's stragglers.
+
+    When one array of a step cannot be read, orbax raises and closes its event loop while
+    tensorstore still completes the step's other reads; each completion then calls
+    `loop.call_soon_threadsafe` on the closed loop from C and reports the RuntimeError as
+    unraisable (`sys.unraisablehook`): dozens of bare tracebacks around the one-line
+    warning. Installed before a resume's restores; every other report goes to the
+    previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop", False):
+        return
+
+    def hook(report: Any) -> None:
+        if _is_closed_loop_straggler(report.exc_type, report.exc_value, report.exc_traceback):
+            return
+        previous(report)
+
+    hook._drops_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+def _is_closed_loop_straggler(kind: type, error: BaseException | None, tb: Any) -> bool:
+    if kind is not RuntimeError or str(error) != "Event loop is closed":
+        return False
+    frames = traceback.extract_tb(tb)
+    return bool(frames) and all("asyncio" in frame.filename for frame in frames)
+
+
+def failure_line(error: BaseException) -> str:
+    """The first line of an error, at most 200 characters (tensorstore's run to 170 lines)."""
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first[:200]}"
 
 
 def hash_checkpoint(directory: str | Path) -> str:
@@ -179,6 +226,17 @@ class Checkpointer:
         if jax.tree.leaves(rngs):
             items["rngs"] = _keys_to_data(rngs)
         self.best.save(step, args=_save_args(**items), force=True)
+
+    def set_aside(self, step: int) -> Path:
+        """Moves step `step` out of the manager's sight, into `<directory>.unreadable/`
+        (named `<step>-<unix time>`), and returns where it went."""
+        source = Path(self.directory) / str(step)
+        aside = Path(f"{self.directory}.unreadable")
+        aside.mkdir(parents=True, exist_ok=True)
+        target = aside / f"{step}-{int(time.time())}"
+        shutil.move(str(source), str(target))
+        self.manager.reload()
+        return target
 
     def read_meta(self, step: int) -> dict[str, Any]:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

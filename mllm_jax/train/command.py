@@ -9,8 +9,9 @@ from mllm_jax.model.config import ConfigError as ModelConfigError
 from mllm_jax.model.hf import CheckpointError
 from mllm_jax.model.lora import LoRAError
 from mllm_jax.train.batches import BatchError, DataExhaustedError
-from mllm_jax.train.checkpoint import CheckpointMismatchError
+from mllm_jax.train.checkpoint import CheckpointMismatchError, CheckpointReadError
 from mllm_jax.train.config import TrainConfig
+from mllm_jax.train.mesh import MeshError
 
 # Errors that are the user's input, reported as one line (exit status 2).
 USAGE_ERRORS = (
@@ -18,10 +19,12 @@ USAGE_ERRORS = (
     ModelConfigError,
     CheckpointError,
     CheckpointMismatchError,
+    CheckpointReadError,
     LoRAError,
     BatchError,
     DataExhaustedError,
     FileNotFoundError,
+    MeshError,
 )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,12 @@ from mllm_jax.train.batches import BatchError, next_batches, to_device
 from mllm_jax.train.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
+    CheckpointReadError,
     abstract_like,
     base_identity,
     check_compatible,
+    failure_line,
+    silence_closed_loop_callbacks,
 )
 from mllm_jax.train.config import StageConfig, TrainConfig, resume_fingerprint
 from mllm_jax.train.data import (
@@ -71,6 +75,8 @@ from mllm_jax.train.state import (
     split_model,
 )
 from mllm_jax.train.step import ShotLabels, make_eval_step, make_train_step, sums_metrics
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -392,9 +398,9 @@ class _Run:
             async_save=config.checkpoint.async_save,
             best_directory=best_dir,
         )
-        self.meta = self._resume_meta()
-        self.done = 0 if self.meta is None else int(self.meta["step"])
-        self.best: dict[str, Any] | None = None if self.meta is None else self.meta.get("best")
+        self.meta: dict[str, Any] | None = None
+        self.done = 0
+        self.best: dict[str, Any] | None = None
         if is_main_process():
             save_config(config, self.run_dir / CONFIG_FILE)
 
@@ -409,17 +415,11 @@ class _Run:
             frozen_dtype=jnp.dtype(config.model.frozen_dtype),
         )
         del model
-        if self.meta is not None:
-            split = self.split
-            split.trainable = self.checkpointer.restore(
-                self.done, "trainable", abstract_like(split.trainable, split.trainable_shardings)
-            )
-            split.rngs = self.checkpointer.restore_rngs(self.done, split.rngs, split.rngs_shardings)
-
         self.tx = make_optimizer(config.optimizer)
         self.opt_shardings = optimizer_shardings(
             self.tx, self.split.trainable, self.split.trainable_shardings, self.mesh
         )
+        self.resumed_opt_state = self._resume()
         self.train_step = make_train_step(
             self.split,
             self.tx,
@@ -441,23 +441,71 @@ class _Run:
         self.peak_total = peak * self.mesh.devices.size if peak else None
         self.throughput = _Throughput()
 
-    def _resume_meta(self) -> dict[str, Any] | None:
-        step = self.checkpointer.latest_step()
-        if step is None:
+    def _resume(self) -> Any:
+        """Restores the newest readable checkpoint (parameters, rngs, optimizer state) and
+        returns its optimizer state; None for a fresh run.
+
+        A step that cannot be read back is reported in one line and, once an older step
+        has been read, set aside (never deleted); when no step can be read the run stops
+        with an error naming it and every step stays where it is.
+        """
+        steps = sorted(self.checkpointer.all_steps(), reverse=True)
+        if not steps:
             return None
         if self.config.checkpoint.resume == "never":
             raise CheckpointMismatchError(
-                f"{self.ckpt_dir} already holds checkpoints (newest step {step}) and "
+                f"{self.ckpt_dir} already holds checkpoints (newest step {steps[0]}) and "
                 "checkpoint.resume is 'never'"
             )
-        meta = self.checkpointer.read_meta(step)
-        check_compatible(
-            meta,
-            fingerprint=self.fingerprint,
-            base_sha256=self.base_sha256,
-            where=f"checkpoint {self.ckpt_dir}/{step}",
+        silence_closed_loop_callbacks()  # a failing restore's stragglers print after it
+        unreadable: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                meta = self.checkpointer.read_meta(step)
+            except Exception as error:  # any read failure means unreadable
+                unreadable.append((step, failure_line(error)))
+                continue
+            check_compatible(
+                meta,
+                fingerprint=self.fingerprint,
+                base_sha256=self.base_sha256,
+                where=f"checkpoint {self.ckpt_dir}/{step}",
+            )
+            try:
+                restored = self._restore_step(step)
+            except Exception as error:
+                unreadable.append((step, failure_line(error)))
+                continue
+            for bad, why in unreadable:
+                where = self.checkpointer.set_aside(bad) if is_main_process() else None
+                log.warning(
+                    "checkpoint step %d of %s is unreadable (%s); resuming from step %d, the "
+                    "bad step moved to %s",
+                    bad, self.run_dir, why, step, where,
+                )  # fmt: skip
+            if unreadable:
+                distributed.barrier("checkpoint-set-aside")
+            self.meta, self.done, self.best = meta, int(meta["step"]), meta.get("best")
+            return restored
+        listed = "; ".join(f"step {step}: {why}" for step, why in unreadable)
+        raise CheckpointReadError(
+            f"run {self.run_dir}: no checkpoint in {self.ckpt_dir} can be read ({listed}); "
+            "they are left in place: move them away to start over"
         )
-        return meta
+
+    def _restore_step(self, step: int) -> Any:
+        """Parameters and rngs of `step` into the split model; returns its optimizer state."""
+        split = self.split
+        trainable = self.checkpointer.restore(
+            step, "trainable", abstract_like(split.trainable, split.trainable_shardings)
+        )
+        rngs = self.checkpointer.restore_rngs(step, split.rngs, split.rngs_shardings)
+        abstract = jax.eval_shape(self.tx.init, trainable)
+        opt_state = self.checkpointer.restore(
+            step, "opt_state", abstract_like(abstract, self.opt_shardings)
+        )
+        split.trainable, split.rngs = trainable, rngs
+        return opt_state
 
     def record(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)
@@ -527,14 +575,12 @@ class _Run:
         iterator = self.data_factory(stage.data, f"stage {stage.name!r}")
         if self.meta is not None and lo < self.done:
             # Resuming inside this stage: its optimizer state and data position.
-            abstract = jax.eval_shape(self.tx.init, split.trainable)
-            opt_state = self.checkpointer.restore(
-                self.done, "opt_state", abstract_like(abstract, self.opt_shardings)
-            )
+            opt_state, self.resumed_opt_state = self.resumed_opt_state, None
             restore_positions(
                 iterator, _saved_positions(self.meta), f"checkpoint {self.ckpt_dir}/{self.done}"
             )
         else:
+            self.resumed_opt_state = None  # a resume at a stage boundary starts it afresh
             opt_state = init_optimizer(self.tx, split.trainable, self.opt_shardings)
         feed = _StepFeed(iterator, stage.name, config, self.mesh, self.model_config.vocab_size)
         self.throughput.start = None

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
+class MeshError(ValueError):
+    """Mesh sizes that the available devices cannot form."""
+
+
 def make_mesh(
     data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[Any] | None = None
 ) -> Mesh:
@@ -35,20 +39,21 @@ def make_mesh(
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(
+        raise MeshError(
             f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
         )
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not split into mesh sizes {sizes}")
+            raise MeshError(f"{len(devices)} devices do not split into mesh sizes {sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
     if any(s < 1 for s in sizes):
-        raise ValueError(f"mesh sizes must be >= 1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
+        raise MeshError(f"mesh sizes must be >= 1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
     if math.prod(sizes) != len(devices):
-        raise ValueError(
+        raise MeshError(
             f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
-            f"devices, but {len(devices)} are available"
+            f"devices, but {len(devices)} are available (set the config's mesh sizes to "
+            "match, or one of them to -1 to take the rest)"
         )
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 

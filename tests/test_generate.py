@@ -117,27 +117,87 @@ def test_processes_together_write_the_one_process_corpus(tmp_path, filtered):
     assert one["report"]["consensus_rows_total"] == ROWS * len(tasks)
 
 
-def test_an_interrupted_run_leaves_nothing_that_looks_complete(tmp_path):
+def _stops_after(batches_before_stop: int, error: type[BaseException] = KeyboardInterrupt):
     def interrupted(*args):
         batches = fake_batches(*args)
-        yield next(batches)
-        yield next(batches)  # 16 tasks: shards 0-2 complete, shard 3 open
-        raise KeyboardInterrupt
+        for _ in range(batches_before_stop):
+            yield next(batches)
+        raise error
 
-    config = GenerateConfig(seed=3, start=0, count=40, shard_size=4, batch_size=8)
+    return interrupted
+
+
+@pytest.mark.parametrize("filtered", [False, True], ids=["unfiltered", "filtered"])
+def test_an_interrupted_run_resumes_after_its_last_complete_shard(tmp_path, filtered, capsys):
+    # 200 tasks: the filter pool pulls up to 64 ahead, so an interruption of the task
+    # stream after 112 finds some tasks filtered and shards complete.
+    config = GenerateConfig(
+        seed=3, start=10, count=200, filter=FILTER if filtered else None, shard_size=4,
+        batch_size=8, workers=2,
+    )  # fmt: skip
+    straight = generate(config, tmp_path / "straight", progress=False, batches=fake_batches)
+    out = tmp_path / "resumed"
+    # Two interruptions (Ctrl-C after 14 of 25 batches, an error 14 batches after the
+    # resumed start), then a rerun.
+    for error in (KeyboardInterrupt, RuntimeError):
+        with pytest.raises(error):
+            generate(config, out, progress=False, batches=_stops_after(14, error))
+        # Complete shards and the journal stay; nothing looks like a finished corpus.
+        assert (out / ".journal-p00000.json").is_file()
+        assert not list(out.glob(".tasks-*.tmp")) and not (out / "manifest-p00000.json").exists()
+        with pytest.raises(CorpusError, match="no manifest"):
+            list_corpus_shards(out)
+    journal = json.loads((out / ".journal-p00000.json").read_text())
+    assert journal["next_index"] > 10 and journal["shards"]
+    # What a SIGKILL leaves besides: a shard renamed after the journal was written, a temporary.
+    later = out / f"tasks-p00000-{len(journal['shards']):05d}.array_record"
+    later.write_bytes(b"renamed before the kill")
+    (out / ".tasks-p00000-00009.array_record.tmp").write_bytes(b"partial")
+    capsys.readouterr()
+    resumed = generate(config, out, progress=False, batches=fake_batches)
+    assert f"resuming at task {journal['next_index']} of 10..209" in capsys.readouterr().err
+    assert records(out) == records(tmp_path / "straight")  # byte for byte
+    assert resumed["resumed_at"] == journal["next_index"]
+    for key in (
+        "tasks_written",
+        "invalid",
+        "invalid_indices",
+        "rejected",
+        "rejected_by_reason",
+        "shards",
+    ):
+        assert resumed[key] == straight[key], key
+    for key in ("tasks_seen", "accepted", "consensus_rows_kept", "consensus_rows_total"):
+        assert resumed["report"].get(key) == straight["report"].get(key), key
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([s["file"] for s in resumed["shards"]] + ["manifest-p00000.json"])
+
+
+def test_a_rerun_with_other_settings_starts_over_and_says_why(tmp_path, capsys):
     with pytest.raises(KeyboardInterrupt):
-        generate(config, tmp_path, progress=False, batches=interrupted)
-    assert list(tmp_path.iterdir()) == []
-    with pytest.raises(CorpusError):
-        list_corpus_shards(tmp_path)
+        generate(
+            GenerateConfig(seed=3, start=0, count=40, shard_size=4, batch_size=8),
+            tmp_path,
+            progress=False,
+            batches=_stops_after(2),
+        )
+    capsys.readouterr()
+    manifest = generate(
+        GenerateConfig(seed=4, start=0, count=40, shard_size=4, batch_size=8),
+        tmp_path,
+        progress=False,
+        batches=fake_batches,
+    )
+    assert "other settings (seed differ); starting over" in capsys.readouterr().err
+    assert manifest["resumed_at"] is None
+    assert [decode_task(r).seed for r in records(tmp_path)] == [4] * manifest["tasks_written"]
 
-    # What a SIGKILL leaves (renamed shards, a temporary, no manifest) is cleared by a rerun.
-    (tmp_path / "tasks-p00000-00009.array_record").write_bytes(b"stale")
-    (tmp_path / ".tasks-p00000-00010.array_record.tmp").write_bytes(b"partial")
+
+def test_a_finished_corpus_is_refused_or_overwritten(tmp_path):
+    config = GenerateConfig(seed=3, start=0, count=40, shard_size=4, batch_size=8)
     manifest = generate(config, tmp_path, progress=False, batches=fake_batches)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted([s["file"] for s in manifest["shards"]] + ["manifest-p00000.json"])
-
     with pytest.raises(GenerateError, match="already generated"):
         generate(config, tmp_path, progress=False, batches=fake_batches)
     again = generate(

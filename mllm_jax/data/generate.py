@@ -10,7 +10,9 @@ the same tasks, in the same order, byte for byte. Tasks whose prior attempts all
 
 from __future__ import annotations
 
+import json
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,6 +23,7 @@ from mllm_jax.data.shards import (
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
     ShardWriter,
+    journal_name,
     manifest_name,
     remove_process_files,
     write_json_atomic,
@@ -142,13 +145,14 @@ def _versions() -> dict[str, str]:
 
 
 def _write_unfiltered(
-    tasks: _ValidTasks, writer: ShardWriter, total: int, progress: bool
+    tasks: _ValidTasks, writer: ShardWriter, total: int, progress: bool, counts: dict[str, Any]
 ) -> dict[str, Any]:
+    """Writes every valid task; ``counts["tasks_seen"]`` goes on from a resumed run's."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     started = time.perf_counter()
-    seen = 0
+    before = counts["tasks_seen"]
     bar = Progress(
         "{task.description}",
         BarColumn(),
@@ -161,17 +165,18 @@ def _write_unfiltered(
         bar_id = bar.add_task("generating", total=total)
         for batch in tasks:
             for task in batch:
+                counts["tasks_seen"] += 1
                 writer.add(task)
-            seen += len(batch)
-            bar.update(bar_id, completed=seen + len(tasks.invalid))
+            bar.update(bar_id, completed=counts["tasks_seen"] - before + len(tasks.invalid))
     wall = time.perf_counter() - started
+    seen = counts["tasks_seen"]
     return {
         "tasks_seen": seen,
         "accepted": seen,
         "rejected": 0,
         "rejected_by_reason": {},
         "wall_seconds": round(wall, 3),
-        "tasks_per_second": seen / wall if wall > 0 else None,
+        "tasks_per_second": (seen - before) / wall if wall > 0 else None,
     }
 
 
@@ -193,9 +198,12 @@ def generate(
             ``iter_task_batches`` (tests pass a cheap stand-in).
 
     Returns the manifest, also written to ``out/manifest-pP.json`` after the last shard.
-    Stale files of this process (an interrupted earlier run) are removed first; a complete
-    earlier output (its manifest exists) is refused unless ``config.overwrite``. An
-    exception or Ctrl-C removes this run's shards again.
+    A complete earlier output (its manifest exists) is refused unless
+    ``config.overwrite``. An interrupted earlier run of the same settings (killed, Ctrl-C,
+    an error) is resumed after its last complete shard, which its journal
+    (``.journal-pP.json``, rewritten after every shard) records with the counts up to it:
+    the shards equal an uninterrupted run's, byte for byte. Files of an interrupted run
+    with other settings are removed (and said so) before starting over.
     """
     if batches is not None:
         return _generate(config, out, progress, batches)
@@ -227,15 +235,57 @@ def _generate(
             f"{manifest_path} exists: process {config.process_index} already generated this "
             "corpus (pass --overwrite to replace it)"
         )
-    remove_process_files(out, config.process_index)
+    journal_path = out / journal_name(config.process_index)
+    identity = _identity(config)
+    resumed = None if config.overwrite else _read_journal(journal_path, identity)
+    if resumed is None:
+        remove_process_files(out, config.process_index)
+    else:
+        keep = {shard["file"] for shard in resumed["shards"]}
+        remove_process_files(out, config.process_index, keep=keep | {journal_path.name})
     indices = config.indices
+    first = indices.start if resumed is None else resumed["next_index"]
+    if resumed is not None:
+        _say(
+            f"process {config.process_index}: resuming at task {first} of "
+            f"{indices.start}..{indices.stop - 1} after {len(resumed['shards'])} complete "
+            f"shards ({sum(s['tasks'] for s in resumed['shards'])} tasks) of an interrupted run"
+        )
     started = time.perf_counter()
+    remaining = indices.stop - first
     tasks = _ValidTasks(
-        batches(config.seed, indices.start, len(indices), config.prior, config.batch_size)
+        batches(config.seed, first, remaining, config.prior, config.batch_size)
+        if remaining > 0
+        else []
     )
-    with ShardWriter(out, config.shard_size, process_index=config.process_index) as writer:
+    tasks.invalid = [] if resumed is None else list(resumed["invalid_indices"])
+    counts = _start_counts(config, resumed)
+    finished = False
+
+    def journal(shard: dict[str, Any]) -> None:
+        last = indices.stop - 1 if finished else shard["last_index"]
+        write_json_atomic(
+            journal_path,
+            {
+                "identity": identity,
+                "next_index": last + 1,
+                "shards": writer.shards,
+                "invalid_indices": [i for i in tasks.invalid if i <= last],
+                "counts": dict(counts) if isinstance(counts, dict) else counts.snapshot(),
+            },
+        )
+
+    writer = ShardWriter(
+        out,
+        config.shard_size,
+        process_index=config.process_index,
+        shards=[] if resumed is None else resumed["shards"],
+        on_shard=journal,
+        keep_completed=True,
+    )
+    with writer:
         if config.filter is None:
-            report = _write_unfiltered(tasks, writer, len(indices), progress)
+            report = _write_unfiltered(tasks, writer, remaining, progress, counts)
         else:
             from mllm_jax.filtering.run import FilterErrorRateError, filter_into
 
@@ -245,12 +295,15 @@ def _generate(
                     writer.add,
                     config.filter,
                     workers=config.workers,
-                    total=len(indices),
+                    total=remaining,
                     progress=progress,
+                    report=counts,
                 )
             except FilterErrorRateError as error:
                 raise GenerateError(str(error)) from error
             report.pop("config", None)  # recorded once, under "filter"
+        finished = True
+        writer.close()
     wall = time.perf_counter() - started
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -270,10 +323,11 @@ def _generate(
         "shards": writer.shards,
         "filtered": config.filter is not None,
         "consensus": config.filter is not None and config.filter.consensus,
+        "resumed_at": None if resumed is None else first,
         "report": {
             **report,
             "end_to_end_seconds": round(wall, 3),
-            "end_to_end_tasks_per_second": len(indices) / wall if wall > 0 else None,
+            "end_to_end_tasks_per_second": remaining / wall if wall > 0 else None,
         },
         "prior": config.prior.to_dict(),
         "filter": None if config.filter is None else asdict(config.filter),
@@ -286,7 +340,69 @@ def _generate(
     if counted != len(indices):  # every index is written, invalid or rejected
         raise RuntimeError(f"generate accounted for {counted} of {len(indices)} tasks")
     write_json_atomic(manifest_path, manifest)
+    journal_path.unlink(missing_ok=True)
     return manifest
+
+
+def _identity(config: GenerateConfig) -> dict[str, Any]:
+    """What decides the bytes of a process's shards: a journal of other settings is not
+    continued."""
+    from mllm_jax import __version__
+
+    return {
+        "seed": config.seed,
+        "corpus_start": config.start,
+        "corpus_count": config.count,
+        "process_index": config.process_index,
+        "process_count": config.process_count,
+        "prior": config.prior.to_dict(),
+        "filter": None if config.filter is None else asdict(config.filter),
+        "shard_size": config.shard_size,
+        "prior_processes": config.prior_processes,
+        "mllm_jax": __version__,
+    }
+
+
+def _read_journal(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """An interrupted run's journal when it is of these settings and its shards are all on
+    disk; None (and a line saying why, if there was one) otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        journal = json.loads(path.read_text())
+        recorded = journal["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        _say(f"{path}: unreadable journal ({error}); starting over")
+        return None
+    if recorded != identity:
+        changed = sorted(
+            k for k in identity.keys() | recorded.keys() if identity.get(k) != recorded.get(k)
+        )
+        _say(
+            f"{path}: an interrupted run with other settings ({', '.join(changed)} differ); "
+            "starting over"
+        )
+        return None
+    missing = [s["file"] for s in journal["shards"] if not (path.parent / s["file"]).is_file()]
+    if missing:
+        _say(f"{path}: shards {missing} of the interrupted run are gone; starting over")
+        return None
+    return journal
+
+
+def _start_counts(config: GenerateConfig, resumed: dict[str, Any] | None) -> Any:
+    """The running counts a journal records, from a resumed run's: the FilterReport that
+    ``filter_into`` adds to when filtering, else a dict of tasks seen."""
+    counts = None if resumed is None else resumed["counts"]
+    if config.filter is None:
+        return {"tasks_seen": 0} if counts is None else dict(counts)
+    from mllm_jax.filtering.report import FilterReport
+
+    return FilterReport() if counts is None else FilterReport.from_snapshot(counts)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def build_config(

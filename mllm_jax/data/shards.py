@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,11 @@ def manifest_name(process_index: int) -> str:
     return f"manifest-p{process_index:05d}.json"
 
 
+def journal_name(process_index: int) -> str:
+    """An unfinished generate run's record of its complete shards (removed at the end)."""
+    return f".journal-p{process_index:05d}.json"
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Writes JSON to a temporary file beside ``path``, then renames it into place."""
     path = Path(path)
@@ -62,16 +68,30 @@ class ShardWriter:
 
     Records use ``group_size:1`` so grain can read any record on its own. A shard is
     written as ``.<name>.tmp`` and renamed to ``<name>`` when full or on :meth:`close`.
-    Used as a context manager, an exception removes everything this writer wrote (its
-    temporary file and the shards it completed), so an interrupted run leaves nothing
-    that looks finished.
+    Used as a context manager, an exception removes the open shard's temporary file and,
+    unless ``keep_completed``, the shards this writer completed, so an interrupted run
+    leaves nothing that looks finished. A resumable writer (``keep_completed``, as
+    ``generate`` uses it) keeps its completed shards: its caller records them, through
+    ``on_shard``, in a journal that a rerun continues from.
 
     Attributes:
-        count: tasks written so far.
+        count: tasks written so far (those of ``shards`` given at construction included).
         shards: per completed shard: ``{"file", "tasks", "first_index", "last_index"}``.
     """
 
-    def __init__(self, directory: Path, shard_size: int, *, process_index: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        shard_size: int,
+        *,
+        process_index: int = 0,
+        shards: Sequence[dict[str, Any]] = (),
+        on_shard: Callable[[dict[str, Any]], None] | None = None,
+        keep_completed: bool = False,
+    ) -> None:
+        """shards: completed shards of an interrupted run to continue after (their files
+        must be in ``directory``); on_shard: called with each shard once it is renamed
+        into place."""
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         if process_index < 0:
@@ -79,8 +99,10 @@ class ShardWriter:
         self.directory = Path(directory)
         self.shard_size = shard_size
         self.process_index = process_index
-        self.count = 0
-        self.shards: list[dict[str, Any]] = []
+        self.shards: list[dict[str, Any]] = [dict(shard) for shard in shards]
+        self.count = sum(shard["tasks"] for shard in self.shards)
+        self.on_shard = on_shard
+        self.keep_completed = keep_completed
         self._writer: Any = None
         self._open: dict[str, Any] | None = None
 
@@ -115,17 +137,22 @@ class ShardWriter:
         os.replace(self._temp_path(name), self.directory / name)
         self.shards.append(self._open)
         self._open = None
+        if self.on_shard is not None:
+            self.on_shard(self.shards[-1])
 
     def close(self) -> None:
         """Completes the open shard (if any)."""
         self._finish_shard()
 
     def abort(self) -> None:
-        """Removes the open shard's temporary file and every shard this writer completed."""
+        """Removes the open shard's temporary file and, unless ``keep_completed``, every
+        shard this writer completed."""
         if self._open is not None:
             self._writer.close()
             self._temp_path(self._open["file"]).unlink(missing_ok=True)
             self._writer, self._open = None, None
+        if self.keep_completed:
+            return
         for path in self.paths:
             path.unlink(missing_ok=True)
         self.shards = []
@@ -140,9 +167,12 @@ class ShardWriter:
             self.abort()
 
 
-def remove_process_files(directory: Path, process_index: int) -> list[Path]:
-    """Deletes process ``process_index``'s manifest, shards and temporary files (a stale or
-    interrupted earlier run); returns what was removed."""
+def remove_process_files(
+    directory: Path, process_index: int, *, keep: Collection[str] = ()
+) -> list[Path]:
+    """Deletes process ``process_index``'s manifest, journal, shards and temporary files (a
+    stale or interrupted earlier run), except the file names in ``keep``; returns what was
+    removed."""
     directory = Path(directory)
     prefix = f"tasks-p{process_index:05d}-"
     removed = []
@@ -153,8 +183,10 @@ def remove_process_files(directory: Path, process_index: int) -> list[Path]:
             or (name.startswith(prefix) and name.endswith(".array_record"))
             or name.startswith(f".{prefix}")
             or name.startswith(f".{manifest_name(process_index)}.")
+            or name == journal_name(process_index)
+            or name.startswith(f".{journal_name(process_index)}.")
         )
-        if stale and path.is_file():
+        if stale and name not in keep and path.is_file():
             path.unlink()
             removed.append(path)
     return removed

@@ -31,6 +31,7 @@ from mllm_jax.data.tasks import Task
 from mllm_jax.filtering.config import FilterConfig
 from mllm_jax.filtering.result import FilterResult, Problem, Reason
 from mllm_jax.filtering.task_filter import annotate, apply_filters
+from mllm_jax.foundation.processes import exit_with
 
 _THREAD_ENV = (
     "OMP_NUM_THREADS",
@@ -54,8 +55,10 @@ def default_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-def _init_worker() -> None:
-    """Keeps each worker on one thread: parallelism comes from the processes."""
+def _init_worker(parent: int) -> None:
+    """Keeps each worker on one thread (parallelism comes from the processes) and ends it
+    when the process that owns the pool is gone."""
+    exit_with(parent)
     for name in _THREAD_ENV:
         os.environ[name] = "1"
     from threadpoolctl import threadpool_limits
@@ -225,7 +228,10 @@ class FilterPool:
         lane = self._lanes[name]
         if lane.executor is None:
             lane.executor = ProcessPoolExecutor(
-                max_workers=lane.workers, mp_context=self._context, initializer=_init_worker
+                max_workers=lane.workers,
+                mp_context=self._context,
+                initializer=_init_worker,
+                initargs=(os.getpid(),),
             )
         return lane.executor
 

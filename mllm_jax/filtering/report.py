@@ -52,6 +52,27 @@ class FilterReport:
             self.consensus_rows_kept += int(result.consensus.sum())
             self.consensus_rows_total += int(result.consensus.size)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The counts as plain data, for a journal that a resumed run continues from."""
+        return {
+            "tasks_seen": self.tasks_seen,
+            "accepted": self.accepted,
+            "rejected_by_reason": dict(sorted(self.rejected_by_reason.items())),
+            "rows_accepted": self.rows_accepted,
+            "consensus_rows_kept": self.consensus_rows_kept,
+            "consensus_rows_total": self.consensus_rows_total,
+            "filter_seconds": self.filter_seconds,
+            "filter_cpu_seconds": self.filter_cpu_seconds,
+            "retried_tasks": self.retried_tasks,
+        }
+
+    @classmethod
+    def from_snapshot(cls, counts: dict[str, Any]) -> FilterReport:
+        """A report that goes on counting from :meth:`snapshot`'s counts (timer restarted)."""
+        return cls(
+            **{**counts, "rejected_by_reason": Counter(counts.get("rejected_by_reason", {}))}
+        )
+
     def to_json(self, **extra: Any) -> dict[str, Any]:
         """The report as plain data; ``extra`` (settings, restarts) is appended."""
         wall = time.perf_counter() - self.started

@@ -46,6 +46,7 @@ def filter_into(
     log_path: Path | None = None,
     progress: bool = True,
     settings: dict[str, Any] | None = None,
+    report: FilterReport | None = None,
 ) -> dict[str, Any]:
     """Filters ``source`` and passes every accepted (annotated) task to ``sink`` in order.
 
@@ -60,6 +61,9 @@ def filter_into(
         log_path: optional JSON-lines file, one line per task: index, decision, metrics.
         progress: show a rich progress bar on stderr.
         settings: extra fields for the report (e.g. the generate command's options).
+        report: the running totals to add to (a resumed run's, or one the caller reads
+            while ``sink`` runs: it has counted every task up to the one passed); default
+            a fresh one.
 
     Returns:
         The report as plain data (see :meth:`FilterReport.to_json`), also written to
@@ -79,7 +83,7 @@ def filter_into(
     )
 
     config = config or FilterConfig()
-    report = FilterReport()
+    report = report if report is not None else FilterReport()
     log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115
     errors: list[str] = []
     bar = Progress(

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from mllm_jax.foundation.processes import exit_with
 from mllm_jax.prior.batch import TaskBatch
 from mllm_jax.prior.config import PriorConfig, PriorConfigError
 
@@ -70,8 +71,10 @@ def _keep_freed_memory() -> bool:
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
-def _serve(conn: Connection, core: int | None, cache_dir: str) -> None:
-    """A worker's loop: answers requests on ``conn`` until it receives None."""
+def _serve(conn: Connection, core: int | None, cache_dir: str, parent: int) -> None:
+    """A worker's loop: answers requests on ``conn`` until it receives None or process
+    ``parent`` is gone."""
+    exit_with(parent)
     if core is not None:
         os.sched_setaffinity(0, {core})
     _keep_freed_memory()
@@ -225,7 +228,7 @@ class CoreWorkers:
                 core = cores[i % len(cores)] if pin and cores else None
                 proc = ctx.Process(
                     target=_serve,
-                    args=(child, core, cache),
+                    args=(child, core, cache, os.getpid()),
                     name=f"mllm-jax-prior-{i}",
                     daemon=True,
                 )

@@ -7,6 +7,7 @@ from pathlib import Path
 from mllm_jax.config import ConfigError
 from mllm_jax.export.merged import save_merged_hf
 from mllm_jax.export.peft_format import save_peft_adapter
+from mllm_jax.foundation.directories import OutputDirectoryError, check_output_directory
 from mllm_jax.model.config import ConfigError as ModelConfigError
 from mllm_jax.model.hf import CheckpointError, load_hf, save_hf
 from mllm_jax.model.lora import LoRAError, copy_adapters
@@ -27,6 +28,7 @@ USAGE_ERRORS = (
     LoRAError,
     FileNotFoundError,
     FileExistsError,
+    OutputDirectoryError,
 )
 
 
@@ -55,7 +57,9 @@ def export_run(
     (LoRA mode keeps the frozen base in bf16), so merged == base + A @ B * alpha / r up to
     one rounding to the output dtype. dtype: of the merged safetensors (default: the
     base's). adapter: the PEFT LoRA adapter (LoRA runs only); its base_model_name_or_path
-    is the run's base checkpoint. Returns one line per written directory.
+    is the run's base checkpoint. Returns one line per written directory. An output
+    directory that exists without overwrite (FileExistsError) or that cannot be written
+    or replaced (OutputDirectoryError) is refused before anything is loaded or written.
     """
     from mllm_jax.train.loop import load_trained, prepare_base
 
@@ -63,6 +67,9 @@ def export_run(
         raise ExportUsageError("nothing to export: give a merged and/or an adapter directory")
     if not (Path(run_dir) / "config.yaml").is_file():
         raise ExportUsageError(f"{run_dir}: not a training run directory (no config.yaml)")
+    for out in (merged, adapter):
+        if out is not None:  # a place that may not or cannot be written fails before any work
+            check_output_directory(out, overwrite=overwrite)
     trained, config = load_trained(run_dir, step)
     base = prepare_base(config, Path(run_dir))
     written = []

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,7 +27,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from mllm_jax.foundation.files import default_mode
+from mllm_jax.foundation.directories import atomic_directory, check_output_directory
 from mllm_jax.model.hf import hf_to_ours, ours_to_hf
 from mllm_jax.model.lora import (
     LoRAError,
@@ -155,27 +154,9 @@ def _write_atomically(target: Path, overwrite: bool, write) -> Path:
         with tempfile.TemporaryDirectory() as scratch:
             write(Path(scratch))
         return target
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"{target} exists and is not empty; pass overwrite=True (--overwrite on the command line)"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    default_mode(tmp, directory=True)
-    try:
+    check_output_directory(target, overwrite=overwrite)
+    with atomic_directory(target) as tmp:
         write(tmp)
-        for path in tmp.rglob("*"):  # safetensors creates its files private
-            default_mode(path, directory=path.is_dir())
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, trash / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return target
 
 
@@ -198,6 +179,8 @@ def save_peft_adapter(
     saved tensors (default float32, the master weights). All adapters must share rank,
     alpha and dropout (as `apply_lora` makes them). Written to a temporary sibling
     directory and renamed into place; an existing non-empty `path` needs overwrite=True.
+    A `path` that cannot be written or replaced raises OutputDirectoryError and leaves
+    nothing behind.
     """
     layers = lora_layers(model)
     if not layers:

@@ -12,12 +12,11 @@ calls `save_hf` (gathering a sharded weight is collective) and process 0 alone w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from mllm_jax.foundation.files import default_mode
+from mllm_jax.foundation.directories import atomic_directory, check_output_directory
 from mllm_jax.model.config import Qwen2Config
 from mllm_jax.model.layers import AXIS_UNITS, LOGICAL_AXES
 from mllm_jax.model.qwen2 import Qwen2ForCausalLM
@@ -304,7 +303,9 @@ def save_hf(
     model-0000i-of-0000n.safetensors + model.safetensors.index.json above
     `max_shard_bytes`; config.json (key `dtype`, architectures Qwen2ForCausalLM) and
     generation_config.json. Written to a temporary sibling directory and renamed into
-    place. An existing `path` is replaced only with overwrite=True.
+    place. An existing `path` is replaced only with overwrite=True (else FileExistsError).
+    A `path` that cannot be written or replaced raises OutputDirectoryError
+    (`mllm_jax.foundation.directories`) and leaves nothing behind.
 
     Multi-host: process 0 writes. A model sharded over several processes is gathered
     tensor by tensor, so every process must call `save_hf`, and none returns before the
@@ -315,13 +316,11 @@ def save_hf(
     variables = dict(_flat_params(model))
     collective = any(not var.get_value().is_fully_addressable for var in variables.values())
     is_writer = jax.process_index() == 0
-    exists = target.exists() and (not target.is_dir() or any(target.iterdir()))
-    if exists and not overwrite and (is_writer or collective):
-        raise FileExistsError(
-            f"{target} exists and is not empty; pass overwrite=True (--overwrite on the command line)"
-        )
     if not (is_writer or collective):
         return target
+    # Checked before the gathers by every process of a collective save, so that all of
+    # them raise and none waits for the others.
+    check_output_directory(target, overwrite=overwrite)
     config: Qwen2Config = model.config
     out_dtype = jnp.dtype(dtype if dtype is not None else config.param_dtype)
     entries = []
@@ -331,12 +330,9 @@ def save_hf(
         entries.append((name, ours, transpose, shape))
     shards = _plan_shards(entries, out_dtype.itemsize, max_shard_bytes)
 
-    tmp = None
-    if is_writer:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        default_mode(tmp, directory=True)
-    try:
+    # Process 0 writes into a temporary sibling renamed into place at the end; the others
+    # only take part in the gathers.
+    with atomic_directory(target) if is_writer else contextlib.nullcontext() as tmp:
         weight_map: dict[str, str] = {}
         total = 0
         for k, shard in enumerate(shards, start=1):
@@ -354,7 +350,6 @@ def save_hf(
                 total += tensors[name].nbytes
             if tmp is not None:
                 save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-                default_mode(tmp / fname)  # safetensors creates its files private
             del tensors
         if tmp is not None:
             if len(shards) > 1:
@@ -366,16 +361,6 @@ def save_hf(
             (tmp / "generation_config.json").write_text(
                 json.dumps(_generation_config(config), indent=2) + "\n"
             )
-            if target.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.replace(target, trash / target.name)
-                os.replace(tmp, target)
-                shutil.rmtree(trash)
-            else:
-                os.replace(tmp, target)
-    finally:
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp)
     if collective:
         from mllm_jax.train.distributed import barrier
 

@@ -313,3 +313,65 @@ def test_eval_reads_a_corpus_as_tables(tmp_path, monkeypatch):
     np.testing.assert_array_equal(first.features.to_numpy(), tasks[0].X.astype(np.float64))
     np.testing.assert_array_equal(first.classes[first.labels], tasks[0].y)
     assert len(resolve_datasets([str(tmp_path / "corpus")])) == len(tasks)
+
+
+def test_a_process_split_that_disagrees_with_the_finished_corpus_is_refused(tmp_path):
+    run(tmp_path)  # one process, tasks 10..39
+    with pytest.raises(GenerateError, match=r"process_count 1 there, 2 here"):
+        run(tmp_path, process_index=1, process_count=2)
+    assert sorted(p.name for p in tmp_path.glob("manifest-*")) == ["manifest-p00000.json"]
+    two = tmp_path / "two"
+    run(two, process_index=0, process_count=2)
+    with pytest.raises(GenerateError, match=r"seed 3 there, 4 here"):
+        generate(
+            GenerateConfig(seed=4, start=10, count=30, shard_size=4, batch_size=8,
+                           process_index=1, process_count=2),
+            two, progress=False, batches=fake_batches,
+        )  # fmt: skip
+    with pytest.raises(GenerateError, match=r"the filter config differs"):
+        run(two, process_index=1, process_count=2, filter=FILTER)
+    manifest = json.loads((tmp_path / "manifest-p00000.json").read_text())
+    assert len(manifest["prior_sha256"]) == 64 and manifest["filter_sha256"] is None
+
+
+def _corpus(directory, start, count, seed=3):
+    generate(
+        GenerateConfig(seed=seed, start=start, count=count, shard_size=4, batch_size=8),
+        directory,
+        progress=False,
+        batches=fake_batches,
+    )
+    return directory
+
+
+def test_training_refuses_corpora_that_share_tasks(tmp_path):
+    from types import SimpleNamespace
+
+    from mllm_jax.data.shards import CorpusOverlapError, check_disjoint
+    from mllm_jax.train.data import check_task_overlap
+
+    a = _corpus(tmp_path / "a", 0, 20)
+    b = _corpus(tmp_path / "b", 15, 20)  # tasks 15..19 again
+    c = _corpus(tmp_path / "c", 20, 20)
+    d = _corpus(tmp_path / "d", 0, 20, seed=4)  # other seed: other tasks
+    shards = {name: [str(p) for p in list_corpus_shards(tmp_path / name)] for name in "abcd"}
+    check_disjoint({"train": shards["a"] + shards["c"] + shards["d"]})
+    with pytest.raises(CorpusOverlapError, match=r"share tasks 15..19 of seed 3"):
+        check_disjoint({"train": shards["a"] + shards["b"]})
+    with pytest.raises(CorpusOverlapError, match="listed twice"):
+        check_disjoint({"train": shards["a"] + shards["a"][:1]})
+
+    def config(train, validation):
+        def data(paths):
+            return SimpleNamespace(kind="shards", shards=paths)
+
+        return SimpleNamespace(
+            stages=[SimpleNamespace(name="full", data=data(train))],
+            validation=SimpleNamespace(every=10, data=data(validation)),
+        )
+
+    check_task_overlap(config([str(a), str(d)], [str(c)]))
+    with pytest.raises(CorpusOverlapError, match=r"stage 'full' data and validation data"):
+        check_task_overlap(config([str(a)], [str(b)]))  # validation tasks 15..19 leak
+    with pytest.raises(CorpusOverlapError, match="share tasks 0..19"):
+        check_task_overlap(config([str(a / "*.array_record")], [str(a)]))

@@ -10,6 +10,7 @@ the same tasks, in the same order, byte for byte. Tasks whose prior attempts all
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import sys
@@ -235,6 +236,7 @@ def _generate(
             f"{manifest_path} exists: process {config.process_index} already generated this "
             "corpus (pass --overwrite to replace it)"
         )
+    _check_other_processes(out, config)
     journal_path = out / journal_name(config.process_index)
     identity = _identity(config)
     resumed = None if config.overwrite else _read_journal(journal_path, identity)
@@ -331,6 +333,8 @@ def _generate(
         },
         "prior": config.prior.to_dict(),
         "filter": None if config.filter is None else asdict(config.filter),
+        "prior_sha256": config_sha256(config.prior.to_dict()),
+        "filter_sha256": None if config.filter is None else config_sha256(asdict(config.filter)),
         "shard_size": config.shard_size,
         "batch_size": config.batch_size,
         "prior_processes": config.prior_processes,
@@ -342,6 +346,50 @@ def _generate(
     write_json_atomic(manifest_path, manifest)
     journal_path.unlink(missing_ok=True)
     return manifest
+
+
+def config_sha256(settings: dict[str, Any]) -> str:
+    """sha256 of a config's canonical JSON (sorted keys): equal settings, equal hash."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+# What the processes sharing one corpus directory must agree on.
+_SHARED = ("seed", "corpus_start", "corpus_count", "process_count", "prior", "filter")
+
+
+def _check_other_processes(out: Path, config: GenerateConfig) -> None:
+    """Refuses to add this process's slice to a corpus whose finished processes were run
+    with another split, range, seed, prior or filter (their tasks would be duplicated or
+    missing, and the corpus unreadable)."""
+    mine = {
+        "seed": config.seed,
+        "corpus_start": config.start,
+        "corpus_count": config.count,
+        "process_count": config.process_count,
+        "prior": config.prior.to_dict(),
+        "filter": None if config.filter is None else asdict(config.filter),
+    }
+    for path in sorted(out.glob("manifest-p*.json")):
+        if path.name == manifest_name(config.process_index):
+            continue
+        try:
+            theirs = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise GenerateError(f"{path}: unreadable manifest ({error})") from error
+        differ = [key for key in _SHARED if theirs.get(key) != mine[key]]
+        if differ:
+            shown = ", ".join(
+                f"{key} {theirs.get(key)!r} there, {mine[key]!r} here"
+                for key in differ
+                if key not in ("prior", "filter")
+            )
+            shown += "".join(
+                f"; the {key} config differs" for key in differ if key in ("prior", "filter")
+            )
+            raise GenerateError(
+                f"{out} holds a corpus generated with other settings ({path.name}: {shown}); "
+                "write this run into another directory"
+            )
 
 
 def _identity(config: GenerateConfig) -> dict[str, Any]:

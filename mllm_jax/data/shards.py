@@ -260,3 +260,77 @@ def list_corpus_shards(directory: Path, *, require_all_processes: bool = True) -
                 raise CorpusError(f"{path}: listed in its manifest but missing")
             paths.append(path)
     return paths
+
+
+class CorpusOverlapError(CorpusError):
+    """Two corpora read together hold the same tasks (same seed, prior and indices)."""
+
+
+def _corpus_slices(paths: Sequence[str | Path]) -> dict[Path, list[dict[str, Any]]]:
+    """For each corpus directory the paths come from and whose manifests list them: the
+    listing processes' manifests (seed, prior, index range). Shards no manifest lists
+    (e.g. the demo's corpora) are left out: nothing is known of their prior."""
+    by_dir: dict[Path, set[str]] = {}
+    for path in paths:
+        by_dir.setdefault(Path(path).parent.resolve(), set()).add(Path(path).name)
+    slices: dict[Path, list[dict[str, Any]]] = {}
+    for directory, names in by_dir.items():
+        if not any(directory.glob("manifest-p*.json")):
+            continue
+        listing = [
+            m for m in read_manifests(directory) if names & {shard["file"] for shard in m["shards"]}
+        ]
+        if listing:
+            slices[directory] = listing
+    return slices
+
+
+def check_disjoint(
+    groups: dict[str, Sequence[str | Path]], *, across: Sequence[tuple[str, str]] = ()
+) -> None:
+    """Refuses task shards that would show a model the same task twice.
+
+    groups: named lists of shard paths (e.g. a training stage's, the validation set's).
+    Within a group, a shard path given twice, or two corpus directories with the same
+    seed and prior whose index ranges overlap, are refused; between the two groups of
+    each pair in ``across`` (e.g. a stage and the validation set) the same holds.
+
+    Raises:
+        CorpusOverlapError: naming both corpora, the seed and the shared index range.
+    """
+    for name, paths in groups.items():
+        seen: set[Path] = set()
+        for path in paths:
+            resolved = Path(path).resolve()
+            if resolved in seen:
+                raise CorpusOverlapError(f"{name}: shard {path} is listed twice")
+            seen.add(resolved)
+        _check_slices(_corpus_slices(paths), _corpus_slices(paths), name, name)
+    for a, b in across:
+        _check_slices(_corpus_slices(groups[a]), _corpus_slices(groups[b]), a, b)
+
+
+def _check_slices(
+    left: dict[Path, list[dict[str, Any]]],
+    right: dict[Path, list[dict[str, Any]]],
+    left_name: str,
+    right_name: str,
+) -> None:
+    same_group = left_name == right_name
+    for dir_a, slices_a in left.items():
+        for dir_b, slices_b in right.items():
+            if same_group and dir_a == dir_b:
+                continue  # one corpus: its processes' ranges are disjoint by construction
+            for a in slices_a:
+                for b in slices_b:
+                    if a["seed"] != b["seed"] or a.get("prior") != b.get("prior"):
+                        continue
+                    lo = max(a["start"], b["start"])
+                    hi = min(a["start"] + a["count"], b["start"] + b["count"])
+                    if lo < hi:
+                        where = f"{left_name}" if same_group else f"{left_name} and {right_name}"
+                        raise CorpusOverlapError(
+                            f"{where}: corpora {dir_a} and {dir_b} share tasks {lo}..{hi - 1} "
+                            f"of seed {a['seed']} with the same prior; generate one of them "
+                            "from another index range (--start)"
+                        )

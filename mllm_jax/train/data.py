@@ -67,6 +67,28 @@ def expand_shards(patterns: list[str], where: str) -> list[str]:
     return paths
 
 
+def check_task_overlap(config: Any) -> None:
+    """Refuses a run whose task shards repeat tasks within a stage or between a stage and
+    the validation set (`mllm_jax.data.shards.check_disjoint`; corpora with manifests).
+
+    Raises CorpusOverlapError naming the corpora and the shared index range.
+    """
+    from mllm_jax.data.shards import check_disjoint
+
+    groups: dict[str, list[str]] = {}
+    for stage in config.stages:
+        if stage.data.kind == "shards":
+            where = f"stage {stage.name!r} data"
+            groups[where] = expand_shards(stage.data.shards, where)
+    validation = config.validation
+    if validation.every and validation.data is not None and validation.data.kind == "shards":
+        groups["validation data"] = expand_shards(validation.data.shards, "validation data")
+        across = [(name, "validation data") for name in groups if name != "validation data"]
+    else:
+        across = []
+    check_disjoint(groups, across=across)
+
+
 def process_block(
     global_rows: int,
     where: str,

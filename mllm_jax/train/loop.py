@@ -57,6 +57,7 @@ from mllm_jax.train.config import StageConfig, TrainConfig, resume_fingerprint
 from mllm_jax.train.data import (
     DataFactory,
     check_process_rows,
+    check_task_overlap,
     data_position,
     default_data,
     restore_positions,
@@ -724,6 +725,7 @@ def train(
         if is_main_process():
             shown.print(line)
 
+    check_task_overlap(config)
     config = resolve_steps(config, data_factory, report)
     return _Run(config, data_factory, stop_at, console).run()
 

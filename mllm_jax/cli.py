@@ -359,6 +359,31 @@ def export(
         raise typer.Exit(2) from error
 
 
+runs_app = typer.Typer(
+    help="Inspect training run directories.", no_args_is_help=True, add_completion=False
+)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[Path, typer.Argument(help="Training run directory (mllm-jax train).")],
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """A run's stages, checkpoints (readable or not), best step, set-aside steps, last
+    logged loss, and what `mllm-jax train --config RUN/config.yaml` would do next (start
+    fresh, resume from which step, or nothing: finished). Reads metadata only."""
+    from mllm_jax.train.command import RUNS_ERRORS, render_run
+    from mllm_jax.train.inspect import inspect_run
+
+    try:
+        info = inspect_run(run)
+    except RUNS_ERRORS as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    typer.echo(info.to_json() if json_ else render_run(info))
+
+
 @app.command("demo")
 def demo(
     out: Annotated[

@@ -74,3 +74,12 @@ def test_stats_defaults_to_the_bundled_tables(tmp_path):
     names = {line["dataset"] for line in lines if not line.get("summary")}
     assert names == {"cmc", "eucalyptus", "golf_play_dataset_extended"}
     assert (out / "stats.png").stat().st_size > 0
+
+
+def test_the_runs_group_has_show():
+    assert [group.name for group in app.registered_groups] == ["runs"]
+    assert "runs" in _invoke("--help").output
+    result = _invoke("runs", "show", "--help")
+    assert result.exit_code == 0, result.output
+    assert "RUN" in result.output and "--json" in result.output
+    assert "A run's stages, checkpoints" in result.output

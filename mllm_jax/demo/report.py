@@ -298,7 +298,9 @@ def summary_markdown(metrics: Mapping[str, Any]) -> str:
         "",
         f"Model: Qwen2 architecture, {model['layers']} layers, hidden {model['hidden']}, "
         f"vocabulary {model['vocab']:,} (Qwen2.5's tokenizer), {model['parameters']:,} "
-        f"parameters, trained from random initialisation ({train['mode']} fine-tuning) for "
+        f"parameters, trained from "
+        + (f"`{train['base']}`" if train.get("base") else "random initialisation")
+        + f" ({train['mode']} fine-tuning) for "
         f"{train['steps']} steps: answer-token loss {train['first_loss']:.3f} -> "
         f"{train['final_loss']:.3f}"
         + (
@@ -315,7 +317,7 @@ def summary_markdown(metrics: Mapping[str, Any]) -> str:
         "",
     ]
     for group, g in metrics["eval"].items():
-        lines += [f"### {group} tables: {', '.join(g['tables'])}", ""]
+        lines += [f"### {group} tables: {_table_names(g['tables'])}", ""]
         lines += _accuracy_markdown(g["accuracy"])
         if g["errors"]:
             lines += ["", f"{len(g['errors'])} entries failed:"]
@@ -341,6 +343,12 @@ def summary_markdown(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _table_names(names: Sequence[str], most: int = 6) -> str:
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{len(names)} tables ({', '.join(names[:3])}, ..., {names[-1]})"
+
+
 def _error_fields(error: Mapping[str, Any]) -> dict[str, Any]:
     return {k: error.get(k) for k in ("dataset", "shots", "method", "error")}
 
@@ -355,8 +363,12 @@ def write_report(
     stage_bounds: Sequence[tuple[str, int]],
     model: Mapping[str, Any],
     mode: str,
+    base: str | None = None,
 ) -> dict[str, Any]:
-    """Writes `<out>/report/` (metrics.json, summary.md, loss.png, accuracy.png)."""
+    """Writes `<out>/report/` (metrics.json, summary.md, loss.png, accuracy.png).
+
+    base: the HF checkpoint training started from (None: random initialisation).
+    """
     import jax
 
     report = out / REPORT_DIR
@@ -386,7 +398,7 @@ def write_report(
         "total_budget_seconds": sum(budgets.values()),
         "generate": corpus_summary(out, corpora),
         "model": dict(model),
-        "train": {"mode": mode, **training_summary(train_dir)},
+        "train": {"mode": mode, "base": base, **training_summary(train_dir)},
         "eval": evals,
     }
     plot_loss(train_dir, stage_bounds, report / "loss.png")

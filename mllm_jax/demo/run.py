@@ -176,7 +176,12 @@ def run_demo(
     if not skip("train", 2):
         from mllm_jax.train.loop import train
 
-        with book.run("train", 2, total, "tiny Qwen2 from scratch on the task shards") as d:
+        start = (
+            f"the model in {train_config.model.base}"
+            if train_config.model.base
+            else f"a {train_config.model.preset} Qwen2 from scratch"
+        )
+        with book.run("train", 2, total, f"{start} on the task shards") as d:
             result = train(train_config, console=console)
             if result.step < train_config.total_steps:
                 raise RuntimeError(
@@ -211,6 +216,7 @@ def run_demo(
             stage_bounds=stage_bounds,
             model=model_facts(model_dir),
             mode=train_config.mode,
+            base=train_config.model.base,
         )
     metrics = update_timings(out, book.records)
     console.rule("[bold]done", align="left")

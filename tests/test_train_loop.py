@@ -277,6 +277,61 @@ def test_killed_process_resumes_bitwise(runs, tmp_path):
     assert _losses(straight) == _losses(run_dir)
 
 
+def _train_lines(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum('"event": "train"' in line for line in path.read_text().splitlines())
+
+
+@pytest.mark.parametrize("kills", [3, pytest.param(20, marks=pytest.mark.slow)])
+def test_kill_soak_ends_bitwise_equal_to_a_straight_run(runs, tmp_path, kills):
+    """SIGKILL `mllm-jax train` at random moments (start-up, steps, validations, best-model
+    saves, async checkpoint writes: every step checkpoints here), rerunning after each
+    kill: the final parameters and the whole loss log equal the straight run's."""
+    import random
+
+    config_path, straight, _ = runs
+    run_dir, cache = tmp_path / "soak", straight.parent / "xla_cache"
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    command = [sys.executable, "-m", "mllm_jax.cli", "train", "--config", str(config_path)]
+    command += ["--set", f"run_dir={run_dir}", "--set", "checkpoint.every=1"]
+    rng = random.Random(kills)
+    landed = 0
+    for _ in range(kills):
+        before = _train_lines(run_dir)
+        target = before + rng.randint(0, 2)  # 0: during start-up or the restore
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 600
+        while _train_lines(run_dir) < target and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            landed += 1
+        process.wait()
+        stderr = process.stderr.read().decode()
+        process.stderr.close()
+        assert process.returncode in (0, -signal.SIGKILL), stderr[-3000:]
+        if process.returncode == 0:
+            break  # the run finished before this kill
+    assert landed >= min(kills, 3)
+    assert "step 6/6" in _cli(config_path, run_dir, cache)
+    a, _ = load_trained(straight)
+    b, _ = load_trained(run_dir)
+    pa, pb = host_params(nnx.state(a, LoRAParam)), host_params(nnx.state(b, LoRAParam))
+    for name in pa:
+        assert np.array_equal(pa[name], pb[name]), name
+    assert _losses(straight) == _losses(run_dir)
+
+
 def _truncate_arrays(step_dir: Path) -> None:
     """Halves every data file of the item (OCDBT keeps a merged copy beside the
     per-process files; either may be read)."""

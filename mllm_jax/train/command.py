@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from mllm_jax.config import ConfigError, load_config
+from mllm_jax.data.shards import CorpusError
 from mllm_jax.model.config import ConfigError as ModelConfigError
 from mllm_jax.model.hf import CheckpointError
 from mllm_jax.model.lora import LoRAError
@@ -28,6 +29,7 @@ USAGE_ERRORS = (
     DataExhaustedError,
     FileNotFoundError,
     MeshError,
+    CorpusError,
 )
 
 

@@ -66,6 +66,19 @@ def test_train_refuses_a_bad_override_naming_the_key(tmp_path):
     assert "optimizer.lr: unknown key" in result.output
 
 
+def test_train_refuses_shards_under_the_default_synthetic_kind(tmp_path):
+    """data.kind defaults to synthetic: shards listed without kind: shards were ignored
+    and the run trained on the toy task (exit 0)."""
+    result = _invoke(
+        "train", "--config", "configs/train_tiny.yaml", "--set", f"run_dir={tmp_path / 'run'}",
+        "--set", "stages.0.data={seed: 1, shards: [corpus/*.array_record]}",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "stages[0].data: data.shards given but data.kind is 'synthetic'" in result.output
+    assert "set data.kind: shards" in result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_stats_defaults_to_the_bundled_tables(tmp_path):
     out = tmp_path / "stats"
     result = _invoke("stats", "--out", str(out), "--rows", "24")

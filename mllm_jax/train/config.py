@@ -124,6 +124,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.kind == "shards" and not self.shards:
             raise ValueError("data.kind is 'shards' but data.shards lists no files")
+        if self.kind == "synthetic" and (self.shards or self.pipeline):
+            # kind defaults to synthetic: shards given without it were silently ignored
+            # and the run trained on the toy task.
+            given = " and ".join(k for k in ("shards", "pipeline") if getattr(self, k))
+            raise ValueError(
+                f"data.{given} given but data.kind is 'synthetic' (the default), which "
+                "ignores them; set data.kind: shards"
+            )
 
 
 @dataclass(frozen=True)

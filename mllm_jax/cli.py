@@ -150,6 +150,13 @@ def eval_(
     max_corpus_tables: Annotated[
         int | None, typer.Option(help="Tables taken from each task corpus (its first tasks).")
     ] = None,
+    vote: Annotated[
+        bool | None,
+        typer.Option(
+            help="Score --model by MachineLearningLM's vote of 2 reordered prompts "
+            "(n_ensembles=2, vote=reference); default: on with --protocol reference."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate baselines (and a model) on real tables: results CSV/JSON, markdown, plots."""
     from mllm_jax.eval.command import USAGE_ERRORS, eval_command
@@ -171,6 +178,7 @@ def eval_(
             model_options,
             permuted_shots,
             max_corpus_tables,
+            vote,
         )
     except USAGE_ERRORS as error:
         typer.echo(f"error: {error}", err=True)

@@ -320,9 +320,12 @@ def test_cli_runs_baselines_and_reports_missing_llm(tmp_path, monkeypatch):
         (["--data", "iris", "--methods", "rf,svm"], "unknown methods ['svm']"),
         (["--data", "iris", "--shots", "8,x"], "--shots: expected comma-separated integers"),
         (["--data", "iris", "--protocol", "fancy"], "--protocol must be 'nested' or 'reference'"),
+        (["--data", "iris", "--shots", "0"], "shots must be >= 1, got [0]"),
+        (["--data", "iris", "--shots", "-8"], "shots must be >= 1, got [-8]"),
     ]:
         result = runner.invoke(app, ["eval", "--out", str(tmp_path / "y"), *arguments])
         assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "y").exists()  # a refused run leaves no output directory
 
 
 def test_worker_processes_give_the_same_results(tmp_path, datasets):
@@ -335,3 +338,45 @@ def test_worker_processes_give_the_same_results(tmp_path, datasets):
         run_evaluation(
             datasets, {"local": lambda seed: Flaky(seed)}, [8], [0], tmp_path / "x", jobs=2
         )
+
+
+class _VotesLastClass:
+    """A plug-in that decides its labels apart from its probabilities (as MLLMClassifier
+    with vote="reference"): probabilities favour the first class, labels are the last."""
+
+    vote = "reference"
+
+    def fit(self, X, y):
+        self.classes_ = np.unique(y)
+        return self
+
+    def predict_details(self, X):
+        from types import SimpleNamespace
+
+        k = len(self.classes_)
+        proba = np.full((len(X), k), 0.5 / max(k - 1, 1))
+        proba[:, 0] = 0.5 if k > 1 else 1.0
+        return SimpleNamespace(proba=proba, codes=np.full(len(X), k - 1))
+
+    def predict_proba(self, X):
+        raise AssertionError("the harness must read predict_details for a voting method")
+
+
+def test_a_method_that_votes_is_scored_on_its_labels(tmp_path, datasets):
+    dataset = datasets[1]  # golf: its classes are not equally frequent
+    run_evaluation(
+        [dataset], {"voter": lambda seed: _VotesLastClass()}, [32], [0], tmp_path, PROTOCOL,
+        write_plots=False,
+    )  # fmt: skip
+    (record,), _ = read_log(tmp_path / RESULTS_LOG)
+    from mllm_jax.eval.protocol import build_plan
+
+    entry = build_plan([dataset], [32], [0], PROTOCOL).entries[0]
+    shots_last = [dataset.labels[e.train].max() for e in entry.episodes]
+    truth = dataset.labels[entry.test]
+    labels = np.concatenate(
+        [np.full(len(e.test), last) for e, last in zip(entry.episodes, shots_last, strict=True)]
+    )
+    assert set(labels) == {1}  # 32 shots hold both classes
+    assert record["accuracy"] == pytest.approx(np.mean(truth == labels))
+    assert record["accuracy"] != pytest.approx(np.mean(truth == 0))  # not the argmax

@@ -289,7 +289,25 @@ def test_ensembles_are_seeded(fitted):
     assert not np.allclose(p2, other.predict_proba(test))
     assert not np.allclose(p2, one)
     np.testing.assert_allclose(p2.sum(axis=1), 1.0, atol=1e-12)
-    assert len(two.predict_details(test).sources) == 2
+    details = two.predict_details(test)
+    assert len(details.sources) == len(details.members) == 2
+    np.testing.assert_allclose(np.mean(details.members, axis=0), p2, atol=1e-12)
+    assert two.predict(test).tolist() == two.classes_[np.argmax(p2, axis=1)].tolist()
+
+
+def test_reference_vote_decides_predict(fitted):
+    from mllm_jax.infer.vote import reference_vote
+
+    clf, shots, y = fitted
+    test = table(6, 10, text=True)
+    voter = clone(clf).set_params(n_ensembles=2, vote="reference").fit(shots, y)
+    details = voter.predict_details(test)
+    want = reference_vote(details.members, [np.ones(len(test), bool)] * 2)  # all scored
+    assert details.codes.tolist() == want.tolist()
+    assert voter.predict(test).tolist() == voter.classes_[want].tolist()
+    np.testing.assert_array_equal(voter.predict_proba(test), details.proba)
+    with pytest.raises(ValueError, match="vote must be one of"):
+        clone(clf).set_params(vote="max").fit(shots, y).predict(test)
 
 
 def test_scikit_learn_api(fitted, ckpt):

@@ -59,8 +59,13 @@ def eval_command(
     model_options: str | None = None,
     permuted_shots: bool = False,
     max_corpus_tables: int | None = None,
+    vote: bool | None = None,
 ) -> int:
-    """Runs the evaluation; returns the exit status (0 ok, 1 some entries failed)."""
+    """Runs the evaluation; returns the exit status (0 ok, 1 some entries failed).
+
+    vote: score the model by the reference's vote of two reordered prompts (None: as the
+    protocol does, on for "reference"); options given in model_options win.
+    """
     console = Console(stderr=True)
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
@@ -73,10 +78,15 @@ def eval_command(
     else:
         raise ValueError(f"--protocol must be 'nested' or 'reference', got {protocol!r}")
     method_names = [m.strip() for m in methods.split(",") if m.strip()]
+    options = parse_options(model_options or "")
+    if vote and model is None:
+        raise ValueError("--vote needs --model")
+    if model is not None and (vote if vote is not None else protocol == "reference"):
+        options = {"n_ensembles": 2, "vote": "reference", **options}
     factories = resolve_methods(
         method_names,
         model_dir=model,
-        model_options=parse_options(model_options or ""),
+        model_options=options,
         permuted_shots=permuted_shots,
     )
     shot_counts = parse_int_list(shots, "--shots")

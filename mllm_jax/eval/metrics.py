@@ -1,7 +1,9 @@
 """Classification metrics from class probabilities, computed with scikit-learn.
 
 Predictions are the argmax of the probabilities (ties -> the lowest label code), so every
-method is scored the same way. ROC AUC is binary AUC of class 1 for two classes and the
+method is scored the same way, unless a method decides its labels otherwise (the LLM's
+reference vote over ensemble members): then accuracy and F1 score its labels, and AUC and
+log loss its probabilities. ROC AUC is binary AUC of class 1 for two classes and the
 unweighted mean of one-vs-rest AUCs over the classes present in the test rows for more
 (equal to scikit-learn's `multi_class="ovr", average="macro"` when all are present; a
 class absent from the test rows has no AUC and is left out); it is NaN when the test rows
@@ -49,12 +51,15 @@ def roc_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
     return float(np.mean([roc_auc_score(y_true == c, proba[:, c]) for c in present]))
 
 
-def compute_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    """y_true: i64[n] label codes 0..K-1; proba: f[n, K]. Returns the METRICS by name."""
+def compute_metrics(
+    y_true: np.ndarray, proba: np.ndarray, y_pred: np.ndarray | None = None
+) -> dict[str, float]:
+    """y_true: i64[n] label codes 0..K-1; proba: f[n, K]; y_pred: i64[n] the method's own
+    labels (None: the argmax of proba). Returns the METRICS by name."""
     y_true = np.asarray(y_true)
     proba = np.asarray(proba, dtype=np.float64)
     n_classes = proba.shape[1]
-    y_pred = np.argmax(proba, axis=1)
+    y_pred = np.argmax(proba, axis=1) if y_pred is None else np.asarray(y_pred)
     clipped = np.clip(proba, PROBABILITY_FLOOR, 1.0)
     clipped /= clipped.sum(axis=1, keepdims=True)
     return {

@@ -77,12 +77,16 @@ def dataset_digest(dataset: Dataset) -> str:
 
 @dataclass(frozen=True)
 class EntryPrediction:
-    """proba: f64[n_test, K] over all dataset classes, rows in `PlanEntry.test` order."""
+    """proba: f64[n_test, K] over all dataset classes, rows in `PlanEntry.test` order;
+    labels: i64[n_test] the method's own label codes where it decides them otherwise than
+    by the argmax of proba (`predict_details().codes`, the LLM's reference vote), else
+    None."""
 
     proba: np.ndarray
     shot_classes: int  # fewest classes any episode's shots held
     fit_seconds: float
     predict_seconds: float
+    labels: np.ndarray | None = None
 
 
 def predict_entry(
@@ -91,6 +95,7 @@ def predict_entry(
     """Fits a fresh classifier per episode; probabilities of every test row of the entry."""
     features = dataset.features.iloc[:, list(entry.columns)]
     proba = np.zeros((len(entry.test), dataset.n_classes), dtype=np.float64)
+    labels: np.ndarray | None = None
     fit_seconds = predict_seconds = 0.0
     shot_classes: list[int] = []
     row = 0
@@ -101,7 +106,13 @@ def predict_entry(
         model.fit(features.iloc[episode.train].reset_index(drop=True), shot_labels)
         fit_seconds += time.perf_counter() - start
         start = time.perf_counter()
-        episode_proba = model.predict_proba(features.iloc[episode.test].reset_index(drop=True))
+        test_rows = features.iloc[episode.test].reset_index(drop=True)
+        own_labels = getattr(model, "vote", "mean") != "mean"
+        if own_labels:  # the classifier decides its labels by a vote: keep them
+            details = model.predict_details(test_rows)
+            episode_proba = details.proba
+        else:
+            episode_proba = model.predict_proba(test_rows)
         predict_seconds += time.perf_counter() - start
 
         who = f"method {method!r} on {dataset.name} (seed {entry.seed}, {entry.shots} shots)"
@@ -119,9 +130,13 @@ def predict_entry(
         episode_proba = check_probabilities(episode_proba, len(episode.test), len(classes), who)
         # Classes absent from the shots keep probability 0: the method never saw them.
         proba[row : row + len(episode.test), classes.astype(np.int64)] = episode_proba
+        if own_labels:
+            if labels is None:
+                labels = np.full(len(entry.test), -1, np.int64)
+            labels[row : row + len(episode.test)] = classes.astype(np.int64)[details.codes]
         row += len(episode.test)
         shot_classes.append(len(present))
-    return EntryPrediction(proba, min(shot_classes), fit_seconds, predict_seconds)
+    return EntryPrediction(proba, min(shot_classes), fit_seconds, predict_seconds, labels)
 
 
 def evaluate_entry(
@@ -140,7 +155,7 @@ def evaluate_entry(
         "n_classes": dataset.n_classes,
         "shot_classes": prediction.shot_classes,
         "episodes": len(entry.episodes),
-        **compute_metrics(dataset.labels[entry.test], prediction.proba),
+        **compute_metrics(dataset.labels[entry.test], prediction.proba, prediction.labels),
         "fit_seconds": prediction.fit_seconds,
         "predict_seconds": prediction.predict_seconds,
     }
@@ -254,8 +269,8 @@ def run_evaluation(
     if jobs > 1:
         _check_picklable(methods)
     out_dir = Path(out_dir)
+    plan: Plan = build_plan(datasets, shots, seeds, protocol)  # bad shots: no directory
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan: Plan = build_plan(datasets, shots, seeds, protocol)
     run_info = _check_run_directory(out_dir, protocol, datasets)
 
     log_path = out_dir / RESULTS_LOG

@@ -39,6 +39,7 @@ from mllm_jax.infer.validation import (
     check_numbers_stay_numbers,
     drop_empty_columns,
 )
+from mllm_jax.infer.vote import VOTES, reference_vote
 
 MODES = ("score", "generate")
 BATCH_INDEPENDENT = 4
@@ -50,6 +51,10 @@ class Prediction:
     """What `MLLMClassifier.predict_details` returns.
 
     proba: f64[n, K] averaged over ensemble members (columns follow `classes_`).
+    codes: i64[n] the predicted class of each row, as an index into `classes_`: the
+        argmax of `proba` (`vote="mean"`) or the members' reference vote
+        (`vote="reference"`, `mllm_jax.infer.vote`).
+    members: per ensemble member, f64[n, K] its own probabilities.
     sources: per member, per row, how the label was read ("score" mode: "scored"; JSON
         mode: "parsed" | "probabilities" | "default", see `mllm_jax.infer.answers`).
     answers: per member, per chunk, the generated text (JSON mode only).
@@ -58,6 +63,8 @@ class Prediction:
     """
 
     proba: np.ndarray
+    codes: np.ndarray
+    members: tuple[np.ndarray, ...]
     sources: tuple[tuple[Source | Literal["scored"], ...], ...]
     answers: tuple[tuple[str, ...], ...]
     prompt_tokens: int
@@ -88,6 +95,10 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
             BATCH_INDEPENDENT on either with independent_rows.
         n_ensembles: prompts with reordered shots and columns whose probabilities are
             averaged (member 0 keeps the given order).
+        vote: how `predict` combines the members: "mean" (argmax of the averaged
+            probabilities) or "reference" (MachineLearningLM's confidence-weighted vote of
+            the members' labels, `mllm_jax.infer.vote`; use with n_ensembles=2 as its
+            evaluation did). `predict_proba` is the averaged probabilities either way.
         dtype: parameter/compute dtype ("float32", "bfloat16"); None: the checkpoint's.
         random_state: seed of the shot draw and the ensemble orders (None means 0).
         style: prompt style, "concat" (default) or "tabllm".
@@ -115,6 +126,7 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         independent_rows: bool = False,
         batch_size: int | None = None,
         n_ensembles: int = 1,
+        vote: str = "mean",
         dtype: str | None = None,
         random_state: int | None = 0,
         style: str = "concat",
@@ -136,6 +148,7 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         self.independent_rows = independent_rows
         self.batch_size = batch_size
         self.n_ensembles = n_ensembles
+        self.vote = vote
         self.dtype = dtype
         self.random_state = random_state
         self.style = style
@@ -161,6 +174,8 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
     def _check_params(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.vote not in VOTES:
+            raise ValueError(f"vote must be one of {VOTES}, got {self.vote!r}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ValueError(
                 f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}"
@@ -280,7 +295,7 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         settings = RunSettings(self._batch_size(), self.prefill_chunk)
         n_classes = len(self.classes_)
         total = np.zeros((len(test), n_classes), np.float64)
-        sources, answers, tokens = [], [], 0
+        sources, answers, tokens, members = [], [], 0, []
         with _Progress(self.verbose, len(test) * self.n_ensembles) as advance:
             for member in range(self.n_ensembles):
                 shots, codes, member_test = self._member(member, test)
@@ -306,11 +321,23 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
                     )
                     sources.append(member_sources)
                     answers.append(texts)
-                total += proba / proba.sum(axis=1, keepdims=True)
+                members.append(proba / proba.sum(axis=1, keepdims=True))
+                total += members[-1]
         proba = total / self.n_ensembles
         proba /= proba.sum(axis=1, keepdims=True)
+        if self.vote == "reference":
+            read = [np.array([s in ("scored", "parsed") for s in member]) for member in sources]
+            codes = reference_vote(members, read)
+        else:
+            codes = np.argmax(proba, axis=1)
         return Prediction(
-            proba, tuple(sources), tuple(answers), tokens, time.perf_counter() - start
+            proba,
+            codes,
+            tuple(members),
+            tuple(sources),
+            tuple(answers),
+            tokens,
+            time.perf_counter() - start,
         )
 
     def _generate(self, loaded, prompt, n_classes, settings, advance):
@@ -347,9 +374,10 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         return self.predict_details(X).proba
 
     def predict(self, X: Any) -> np.ndarray:
-        """[n] the most probable class of each row (ties: the first in `classes_`)."""
-        proba = self.predict_proba(X)  # first: an unfitted model raises NotFittedError here
-        return self.classes_[np.argmax(proba, axis=1)]
+        """[n] the most probable class of each row (ties: the first in `classes_`), or the
+        members' reference vote (`vote="reference"`)."""
+        codes = self.predict_details(X).codes  # an unfitted model raises NotFittedError here
+        return self.classes_[codes]
 
 
 class _Progress:

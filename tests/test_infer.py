@@ -86,22 +86,27 @@ def backend():
         (True, "concat", "chat"),
         (True, "tabllm", "chat"),
         (False, "concat", "raw"),
+        (False, "concat", "raw-pandas2"),
     ],
 )
 def test_prefix_plus_query_is_the_training_prompt(backend, text, style, fmt):
     """Every chunk's prefix + query ids equal the real tokenizer on the prompt text that
-    training uses (chat) or the reference's raw string, plus the answer head."""
+    training uses (chat) or the reference's raw string (with its pandas 2 float bytes),
+    plus the answer head."""
     fast = PromptTokenizer(backend)
     shots, y, test = table(12, 0, text), labels(12, 0), table(8, 1, text)
+    pandas2 = fmt == "raw-pandas2"
+    fmt = "raw" if pandas2 else fmt
     prompt = build_chunked_prompt(
-        fast, shots, y, test, chunk_size=3, style=style, prompt_format=fmt
+        fast, shots, y, test, chunk_size=3, style=style, prompt_format=fmt, pandas2_floats=pandas2
     )
     assert [len(r) for r in prompt.rows] == [3, 3, 2]
     head = '[{"id": 0, "label": '
     for c, rows in enumerate(prompt.rows):
         chunk = test.iloc[rows.start : rows.stop]
-        built = build_prompt(shots, y, chunk, style=style)
+        built = build_prompt(shots, y, chunk, style=style, pandas2_floats=pandas2)
         messages = built.messages()
+        assert (".0," in messages[1]["content"]) == pandas2  # float columns print "512.0"
         if fmt == "chat":
             text_ = render_chat(messages, add_generation_prompt=True)
             np.testing.assert_array_equal(

@@ -103,6 +103,9 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         random_state: seed of the shot draw and the ensemble orders (None means 0).
         style: prompt style, "concat" (default) or "tabllm".
         clip_max: upper clip of the encoded numbers (None as the reference, 999 the paper).
+        pandas2_floats: print the values of float-typed columns as "512.0", as the
+            reference's evaluation prompts did under pandas 2 (the bytes the released
+            MachineLearningLM-7B-v1 was evaluated on); models trained here saw "512".
         yarn_factor: switch on (or change) YaRN rope scaling for prompts beyond the
             model's native positions (the reference used 4 for 131,072 tokens).
         max_new_tokens: generation budget per chunk (JSON mode); None: 1.25x the answer
@@ -131,6 +134,7 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         random_state: int | None = 0,
         style: str = "concat",
         clip_max: int | None = None,
+        pandas2_floats: bool = False,
         yarn_factor: float | None = None,
         max_new_tokens: int | None = None,
         prefill_chunk: int = 2048,
@@ -153,6 +157,7 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.style = style
         self.clip_max = clip_max
+        self.pandas2_floats = pandas2_floats
         self.yarn_factor = yarn_factor
         self.max_new_tokens = max_new_tokens
         self.prefill_chunk = prefill_chunk
@@ -308,6 +313,7 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
                     prompt_format=self.prompt_format,  # type: ignore[arg-type]
                     style=self.style,  # type: ignore[arg-type]
                     clip_max=self.clip_max,
+                    pandas2_floats=self.pandas2_floats,
                 )
                 tokens += len(prompt.prefix) + sum(len(q) for q in prompt.queries)
                 if self.mode == "score":

@@ -176,6 +176,7 @@ def build_chunked_prompt(
     prompt_format: PromptFormat = "chat",
     style: Style = "concat",
     clip_max: int | None = None,
+    pandas2_floats: bool = False,
     system_prompt: str = SYSTEM_PROMPT,
 ) -> ChunkedPrompt:
     """Encodes the shots and every test row, then the token ids chunk by chunk.
@@ -185,10 +186,12 @@ def build_chunked_prompt(
         y_codes: i64[shots] class codes 0..K-1 (the labels printed).
         X_test: [n, features] test rows; chunk c holds rows [c*chunk_size, ...).
         chunk_size: test rows per prompt (the reference used 50).
+        pandas2_floats: print float columns' values as "512.0", the bytes of the
+            reference's evaluation prompts (`mllm_jax.encoding.table.encode_table`).
     """
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
-    features = encode_table(X_shots, X_test, clip_max=clip_max)
+    features = encode_table(X_shots, X_test, clip_max=clip_max, pandas2_floats=pandas2_floats)
     n = len(X_test)
     rows = tuple(range(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size))
     frame_head = answer_frame(tokenizer, 1).head

@@ -212,7 +212,9 @@ def generate(
         from mllm_jax.prior.workers import CoreWorkers
 
         with CoreWorkers(config.prior_processes) as prior_workers:
-            return _generate(config, out, progress, prior_workers.iter_task_batches)
+            return _generate(
+                config, out, progress, prior_workers.iter_task_batches, prior_compiles=True
+            )
     import functools
 
     import jax
@@ -222,11 +224,16 @@ def generate(
     # This host's devices only: under jax.distributed, jax.devices() lists every host's,
     # and the prior's tasks do not depend on the devices.
     batches = functools.partial(iter_task_batches, devices=jax.local_devices())
-    return _generate(config, out, progress, batches)
+    return _generate(config, out, progress, batches, prior_compiles=True)
 
 
 def _generate(
-    config: GenerateConfig, out: Path, progress: bool, batches: Callable[..., Iterable[Any]]
+    config: GenerateConfig,
+    out: Path,
+    progress: bool,
+    batches: Callable[..., Iterable[Any]],
+    *,
+    prior_compiles: bool = False,
 ) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,11 +254,17 @@ def _generate(
         remove_process_files(out, config.process_index, keep=keep | {journal_path.name})
     indices = config.indices
     first = indices.start if resumed is None else resumed["next_index"]
-    if resumed is not None:
+    # One line before the first batch: the real prior compiles its programs first and a
+    # log that is not a terminal (no progress bar) would otherwise stay silent for minutes.
+    wait = " (the prior compiles its programs first: minutes on a CPU)" if prior_compiles else ""
+    if resumed is None:
+        _say(f"process {config.process_index}: generating tasks {first}..{indices.stop - 1}{wait}")
+    else:
         _say(
             f"process {config.process_index}: resuming at task {first} of "
             f"{indices.start}..{indices.stop - 1} after {len(resumed['shards'])} complete "
-            f"shards ({sum(s['tasks'] for s in resumed['shards'])} tasks) of an interrupted run"
+            f"shards ({sum(s['tasks'] for s in resumed['shards'])} tasks) of an interrupted "
+            f"run{wait}"
         )
     started = time.perf_counter()
     remaining = indices.stop - first

@@ -293,6 +293,34 @@ def test_generate_says_what_it_does_before_the_first_batch(tmp_path, monkeypatch
     assert said_before_first_batch and line in said_before_first_batch[0]
 
 
+def test_an_output_place_that_cannot_be_written_is_a_one_line_error(tmp_path, monkeypatch):
+    """--out naming a file, a path below a file, or a directory this process may not
+    write: one line, exit 2 (were tracebacks from mkdir and the shard writer)."""
+    import mllm_jax.data.generate as generate_module
+    import mllm_jax.prior
+
+    monkeypatch.setattr(mllm_jax.prior, "iter_task_batches", fake_batches)
+    (tmp_path / "file").write_text("x")
+    args = ["generate", "--count", "4", "--no-progress", "--out"]
+    for out, message in [
+        (tmp_path / "file", f"error: --out {tmp_path / 'file'}: not a directory"),
+        (
+            tmp_path / "file" / "c",
+            f"error: --out {tmp_path / 'file' / 'c'}: cannot create the directory "
+            "(Not a directory)",
+        ),
+    ]:
+        result = CliRunner().invoke(app, [*args, str(out)])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == message
+    (tmp_path / "read-only").mkdir()
+    monkeypatch.setattr(generate_module, "_writable", lambda directory: False)
+    result = CliRunner().invoke(app, [*args, str(tmp_path / "read-only")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().endswith("read-only: the directory is not writable")
+    assert list((tmp_path / "read-only").iterdir()) == []
+
+
 @pytest.mark.slow
 def test_real_prior_end_to_end(tmp_path):
     """The real prior (small tasks) through the CLI, filtered, split over 2 processes."""

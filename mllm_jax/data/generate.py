@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -236,7 +237,7 @@ def _generate(
     prior_compiles: bool = False,
 ) -> dict[str, Any]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_writable_directory(out)
     manifest_path = out / manifest_name(config.process_index)
     if manifest_path.exists() and not config.overwrite:
         raise GenerateError(
@@ -359,6 +360,26 @@ def _generate(
     write_json_atomic(manifest_path, manifest)
     journal_path.unlink(missing_ok=True)
     return manifest
+
+
+def _make_writable_directory(out: Path) -> None:
+    """Creates the corpus directory; a place that is not a directory or cannot be written
+    is a GenerateError naming it (was a traceback from mkdir or the shard writer)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise GenerateError(f"--out {out}: not a directory") from None
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise GenerateError(f"--out {out}: cannot create the directory ({reason})") from None
+    if not _writable(out):
+        raise GenerateError(f"--out {out}: the directory is not writable")
+
+
+def _writable(directory: Path) -> bool:
+    """Whether this process may add entries to `directory` (False for an immutable
+    directory or a read-only filesystem, even as root)."""
+    return os.access(directory, os.W_OK | os.X_OK)
 
 
 def config_sha256(settings: dict[str, Any]) -> str:

@@ -276,11 +276,18 @@ def stats(
     from mllm_jax.encoding.tokens import PromptTokenizer, load_backend_tokenizer
 
     data_dir = bundled_datasets() if data_dir is None else data_dir
-    if not data_dir.is_dir():
-        typer.echo(f"error: data directory {data_dir} does not exist", err=True)
-        raise typer.Exit(2)
-    tokenizer = PromptTokenizer(load_backend_tokenizer(model_dir))
-    run_stats(data_dir, out, tokenizer, rows=rows, context=context, seed=seed)
+    try:
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"data directory {data_dir} does not exist")
+        if rows < 1 or context < 1:
+            raise ValueError(f"--rows and --context must be >= 1, got {rows}, {context}")
+        tokenizer = PromptTokenizer(load_backend_tokenizer(model_dir))
+        run_stats(data_dir, out, tokenizer, rows=rows, context=context, seed=seed)
+    except (FileNotFoundError, ValueError) as error:
+        # A missing file, a table without a label column, a tokenizer that is not the
+        # pinned one: the user's input, one line.
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
 
 
 @app.command("train")

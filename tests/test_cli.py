@@ -89,6 +89,38 @@ def test_stats_defaults_to_the_bundled_tables(tmp_path):
     assert (out / "stats.png").stat().st_size > 0
 
 
+def test_stats_reports_bad_input_in_one_line(tmp_path, monkeypatch):
+    """A table without a label column, an empty directory, a model directory without
+    tokenizer.json, --rows 0 and an edited packaged tokenizer: one line, exit 2, no
+    output directory (were tracebacks; --context 0 plotted an empty log axis)."""
+    import mllm_jax.encoding.tokens as tokens
+
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "t.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "stats"
+    for args, message in [
+        (["--data-dir", str(tmp_path / "tables")], "t.csv: no 'label' column"),
+        (["--data-dir", str(tmp_path / "empty")], "no *.csv or *.csv.gz files in"),
+        (["--model-dir", str(tmp_path)], f"no tokenizer.json in model directory {tmp_path}"),
+        (["--rows", "0"], "--rows and --context must be >= 1, got 0, 32000"),
+        (["--context", "0"], "--rows and --context must be >= 1, got 512, 0"),
+    ]:
+        result = _invoke("stats", "--out", str(out), *args)
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and message in result.output
+        assert "Traceback" not in result.output
+    edited = tmp_path / "tokenizer"
+    edited.mkdir()
+    text = (tokens.packaged_tokenizer_dir() / "tokenizer.json").read_text(encoding="utf-8")
+    (edited / "tokenizer.json").write_text(text.replace('"Hello"', '"Hellp"', 1), "utf-8")
+    monkeypatch.setattr(tokens, "packaged_tokenizer_dir", lambda: edited)
+    result = _invoke("stats", "--out", str(out), "--rows", "8")
+    assert result.exit_code == 2, result.output
+    assert "tokenizer.json has sha256" in result.output and "not the pinned" in result.output
+    assert not out.exists()
+
+
 def test_the_runs_group_has_show():
     assert [group.name for group in app.registered_groups] == ["runs"]
     assert "runs" in _invoke("--help").output

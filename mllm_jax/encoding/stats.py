@@ -171,12 +171,12 @@ def run_stats(
     paths = sorted(Path(data_dir).glob("*.csv")) + sorted(Path(data_dir).glob("*.csv.gz"))
     if not paths:
         raise FileNotFoundError(f"no *.csv or *.csv.gz files in {data_dir}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stats = [
         table_token_stats(p, tokenizer, rows=rows, context=context, seed=seed)
         for p in track(paths, description="tokenizing datasets")
     ]
+    out = Path(out_dir)  # created once every table was read: a bad one leaves nothing
+    out.mkdir(parents=True, exist_ok=True)
     ratios = np.array([s.ratio for s in stats])
     summary = {
         "summary": True,

@@ -117,3 +117,38 @@ def test_stage_length_in_epochs(tmp_path):
     with pytest.raises(ValueError, match="give exactly one of steps and epochs"):
         load_config(TrainConfig, None, ["stages=[{name: a, learning_rate: 1e-3}]"])
     assert PipelineConfig(SamplingConfig(token_budget=8), seq_len=8).packing
+
+
+def test_an_edited_packaged_tokenizer_is_a_one_line_error(tmp_path, monkeypatch):
+    """Training on shards with a packaged tokenizer.json that is not the pinned file
+    (here an edited copy; the installed one is untouched): one line naming the file and
+    both sha256s, exit 2 (was a traceback)."""
+    from typer.testing import CliRunner
+
+    import mllm_jax.encoding.tokens as tokens
+    from mllm_jax.cli import app
+
+    rng = np.random.default_rng(2)
+    writer = ArrayRecordWriter(str(tmp_path / "tasks-00000.array_record"), "group_size:1")
+    for i in range(4):
+        writer.write(encode_task(_task(rng, i)))
+    writer.close()
+    edited = tmp_path / "tokenizer"
+    edited.mkdir()
+    text = (tokens.packaged_tokenizer_dir() / "tokenizer.json").read_text(encoding="utf-8")
+    (edited / "tokenizer.json").write_text(text.replace('"Hello"', '"Hellp"', 1), "utf-8")
+    monkeypatch.setattr(tokens, "packaged_tokenizer_dir", lambda: edited)
+    data = f"{{kind: shards, shards: ['{tmp_path}/tasks-*.array_record'], pipeline: {PIPELINE}}}"
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"run_dir: {tmp_path / 'run'}\nmode: full\n"
+        "model: {overrides: {vocab_size: 151936, hidden_size: 32, intermediate_size: 64, "
+        "num_attention_heads: 2, num_key_value_heads: 1, num_hidden_layers: 1}}\n"
+        f"stages: [{{name: main, steps: 1, learning_rate: 1.0e-3, data: {data}}}]\n"
+        "mesh: {data: -1, fsdp: 1, tensor: 1}\nlogging: {progress: false}\n"
+    )
+    result = CliRunner().invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: {edited / 'tokenizer.json'} has sha256 ")
+    assert "not the pinned" in line

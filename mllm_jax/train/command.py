@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mllm_jax.config import ConfigError, load_config
 from mllm_jax.data.shards import CorpusError
+from mllm_jax.encoding.tokens import TokenizerFileError
 from mllm_jax.model.config import ConfigError as ModelConfigError
 from mllm_jax.model.hf import CheckpointError
 from mllm_jax.model.lora import LoRAError
@@ -30,6 +31,7 @@ USAGE_ERRORS = (
     FileNotFoundError,
     MeshError,
     CorpusError,
+    TokenizerFileError,
 )
 
 

@@ -179,10 +179,12 @@ def test_a_run_dir_named_elsewhere_in_its_config_is_noted(runs, tmp_path):
     assert f"add `--set run_dir={moved}` to continue this run" in output
 
 
-@pytest.mark.parametrize("what", ["empty_dir", "missing", "bad_config"])
+@pytest.mark.parametrize("what", ["empty_dir", "missing", "bad_config", "file"])
 def test_not_a_run_is_a_one_line_error(tmp_path, what):
     run = tmp_path / "run"
-    if what != "missing":
+    if what == "file":
+        run.write_text("a,label\n1,0\n")
+    elif what != "missing":
         run.mkdir()
     if what == "bad_config":
         (run / "config.yaml").write_text("mode: sideways\n")
@@ -194,6 +196,7 @@ def test_not_a_run_is_a_one_line_error(tmp_path, what):
         == {
             "empty_dir": f"error: {run}: not a training run directory (no config.yaml)",
             "missing": f"error: {run}: no such directory",
+            "file": f"error: {run}: not a directory",
             "bad_config": f"error: {run / 'config.yaml'}: mode: 'sideways' is not one of "
             "['lora', 'full']",
         }[what]

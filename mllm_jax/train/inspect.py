@@ -348,7 +348,8 @@ def inspect_run(run_dir: str | Path) -> RunInfo:
     run_dir = Path(run_dir)
     config_file = run_dir / CONFIG_FILE
     if not run_dir.is_dir():
-        raise RunInspectError(f"{run_dir}: no such directory")
+        what = "not a directory" if run_dir.exists() else "no such directory"
+        raise RunInspectError(f"{run_dir}: {what}")
     if not config_file.is_file():
         raise RunInspectError(f"{run_dir}: not a training run directory (no {CONFIG_FILE})")
     config = load_config(TrainConfig, config_file)

@@ -24,7 +24,8 @@ def demo_command(
         config = load_demo_config(config_path, overrides)
         metrics = run_demo(config, out, restart=restart, console=console, progress=progress)
     except (ConfigError, RunDirectoryError, CheckpointMismatchError) as error:
-        console.print(f"[red]error:[/] {error}", highlight=False)
+        # On stderr, as every other command's errors (the stage lines go to stdout).
+        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False)
         return EXIT_USAGE
     except KeyboardInterrupt:
         console.print(

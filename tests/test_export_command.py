@@ -113,6 +113,38 @@ def test_export_command_usage_errors(tmp_path, args, message):
     assert message in result.output
 
 
+def test_export_of_a_missing_or_unreadable_checkpoint_is_a_one_line_error(run, tmp_path):
+    """No checkpoint yet, a damaged one (meta deleted), a --dtype that is no float: one
+    line, exit 2, nothing written (the damaged step and the dtype were tracebacks, no
+    checkpoint said 'no checkpoint  (have [])'); a training run given to the classifier
+    with a damaged checkpoint is a ModelLoadError."""
+    from mllm_jax.infer import MLLMClassifier
+    from mllm_jax.infer.loading import ModelLoadError
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    (step,) = (damaged / "checkpoints").iterdir()
+    shutil.rmtree(step / "meta")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(run / "config.yaml", empty / "config.yaml")
+    out = tmp_path / "out"
+    for run_dir, extra, message in [
+        (empty, [], f"{empty / 'checkpoints'}: no checkpoint: the run has not saved one yet"),
+        (empty, ["--step", "best"], f"{empty / 'best'}: no best checkpoint"),
+        (damaged, [], f"checkpoint {step} cannot be read (KeyError: "),
+        (run, ["--dtype", "float7"], "--dtype must be a floating type such as float32"),
+        (run, ["--dtype", "int8"], "got 'int8'"),
+    ]:
+        result = _export(run_dir, "--merged", out, *extra)
+        assert result.exit_code == 2, result.output
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith("error: ") and message in line, line
+        assert not out.exists()
+    with pytest.raises(ModelLoadError, match=f"checkpoint {step} cannot be read"):
+        MLLMClassifier(str(damaged)).fit(np.zeros((4, 2)), np.arange(4) % 2)
+
+
 # ------------------------------------------------------------------ unwritable places
 
 

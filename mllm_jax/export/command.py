@@ -11,7 +11,7 @@ from mllm_jax.foundation.directories import OutputDirectoryError, check_output_d
 from mllm_jax.model.config import ConfigError as ModelConfigError
 from mllm_jax.model.hf import CheckpointError, load_hf, save_hf
 from mllm_jax.model.lora import LoRAError, copy_adapters
-from mllm_jax.train.checkpoint import CheckpointMismatchError
+from mllm_jax.train.checkpoint import CheckpointMismatchError, CheckpointReadError
 
 
 class ExportUsageError(ValueError):
@@ -25,6 +25,7 @@ USAGE_ERRORS = (
     ModelConfigError,
     CheckpointError,
     CheckpointMismatchError,
+    CheckpointReadError,
     LoRAError,
     FileNotFoundError,
     FileExistsError,
@@ -39,6 +40,23 @@ def parse_step(step: str | None) -> int | str | None:
     if not step.isdigit():
         raise ExportUsageError(f"--step must be a step number or 'best', got {step!r}")
     return int(step)
+
+
+def check_dtype(dtype: str | None) -> None:
+    """Refuses a dtype of the merged weights that is not a floating type (before the run
+    is loaded; an unknown name was a TypeError traceback at the write)."""
+    if dtype is None:
+        return
+    import jax.numpy as jnp
+
+    try:
+        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise ExportUsageError(
+            f"--dtype must be a floating type such as float32, bfloat16 or float16, got {dtype!r}"
+        )
 
 
 def export_run(
@@ -67,6 +85,7 @@ def export_run(
         raise ExportUsageError("nothing to export: give a merged and/or an adapter directory")
     if not (Path(run_dir) / "config.yaml").is_file():
         raise ExportUsageError(f"{run_dir}: not a training run directory (no config.yaml)")
+    check_dtype(dtype)
     for out in (merged, adapter):
         if out is not None:  # a place that may not or cannot be written fails before any work
             check_output_directory(out, overwrite=overwrite)

@@ -220,9 +220,13 @@ def _with_adapter(model: Qwen2ForCausalLM, adapter_dir: Path) -> Qwen2ForCausalL
 def _load_train_run(directory: Path, step: int | str | None) -> tuple[Qwen2ForCausalLM, Path]:
     """(the trained model with any LoRA merged in, the directory of its base checkpoint)."""
     from mllm_jax.model.lora import lora_layers, merged_copy
+    from mllm_jax.train.checkpoint import CheckpointReadError
     from mllm_jax.train.loop import load_trained, prepare_base
 
-    model, config = load_trained(directory, step)
+    try:
+        model, config = load_trained(directory, step)
+    except CheckpointReadError as error:  # a damaged checkpoint: the user's to fix
+        raise ModelLoadError(str(error)) from None
     if lora_layers(model):
         model = merged_copy(model)
     return model, prepare_base(config, directory)

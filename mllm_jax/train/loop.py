@@ -764,24 +764,41 @@ def load_trained(
         else config.checkpoint.directory or str((run_dir / "checkpoints").absolute())
     )
     checkpointer = Checkpointer(directory, keep=1 << 30, async_save=False)
-    chosen = checkpointer.latest_step() if step in (None, "best") else int(step)
-    if chosen is None or chosen not in checkpointer.all_steps():
+    steps = list(checkpointer.all_steps())
+    if not steps:
         raise FileNotFoundError(
-            f"{directory}: no checkpoint {'' if step in (None, 'best') else step} "
-            f"(have {checkpointer.all_steps()})"
+            f"{directory}: no {'best ' if step == 'best' else ''}checkpoint: the run has "
+            "not saved one yet"
         )
-    meta = checkpointer.read_meta(chosen)
+    chosen = checkpointer.latest_step() if step in (None, "best") else int(step)
+    if chosen not in steps:
+        raise FileNotFoundError(f"{directory}: no checkpoint {step} (have {steps})")
+    where = f"checkpoint {directory}/{chosen}"
+    silence_closed_loop_callbacks()  # a failing restore's stragglers print after it
+    try:
+        meta = checkpointer.read_meta(chosen)
+    except Exception as error:  # any read failure: the step is damaged
+        raise CheckpointReadError(_unreadable(where, error, steps, chosen)) from None
     check_compatible(
         meta,
         fingerprint=resume_fingerprint(config),
         base_sha256=base_identity(base),
-        where=f"checkpoint {directory}/{chosen}",
+        where=where,
     )
     target = abstract_like(split.trainable, split.trainable_shardings)
-    split.trainable = checkpointer.restore(chosen, "trainable", target)
-    split.rngs = checkpointer.restore_rngs(chosen, split.rngs, split.rngs_shardings)
+    try:
+        split.trainable = checkpointer.restore(chosen, "trainable", target)
+        split.rngs = checkpointer.restore_rngs(chosen, split.rngs, split.rngs_shardings)
+    except Exception as error:
+        raise CheckpointReadError(_unreadable(where, error, steps, chosen)) from None
     checkpointer.close()
     return split.merge(), config
+
+
+def _unreadable(where: str, error: BaseException, steps: list[int], chosen: int) -> str:
+    others = [s for s in steps if s != chosen]
+    hint = f"; the run's other checkpoints: steps {others}" if others else ""
+    return f"{where} cannot be read ({failure_line(error)}){hint}"
 
 
 def host_params(state: nnx.State) -> dict[str, np.ndarray]:

@@ -89,12 +89,39 @@ def test_predict_refuses_bad_input(ckpt, csvs, tmp_path):
         (["--test", str(csvs / "test.csv"), "--target", "nope"], "no target column 'nope'"),
         (["--test", str(tmp_path / "absent.csv")], "absent.csv: no such file"),
         (["--test", str(csvs / "test.csv"), "--mode", "vote"], "mode must be one of"),
+        (["--test", str(tmp_path)], f"{tmp_path}: not a file"),
+        (["--test", str(csvs / "test.csv"), "--dtype", "float8"], "dtype must be a floating"),
     ]
     for arguments, message in cases:
         result = runner.invoke(app, [*base, *arguments])
         assert result.exit_code == 2, result.output
         assert message in result.output
         assert not out.exists()  # nothing half-written
+
+
+def test_predict_refuses_an_output_place_it_cannot_write_before_the_model_runs(
+    ckpt, csvs, tmp_path, monkeypatch
+):
+    """--out below a file (was a FileExistsError after the whole prediction), in a
+    directory that is not writable, --train naming a directory: one line, exit 2."""
+    import mllm_jax.infer.command as command
+
+    (tmp_path / "file").write_text("x")
+    base = ["predict", "--model", str(ckpt), "--test", str(csvs / "test.csv"), *OPTIONS]
+    train = ["--train", str(csvs / "train.csv")]
+    cases = [
+        ([*train, "--out", str(tmp_path / "file" / "p.csv")], f"{tmp_path / 'file'} is not a"),
+        (["--train", str(tmp_path), "--out", str(tmp_path / "p.csv")], f"{tmp_path}: not a file"),
+    ]
+    for arguments, message in cases:
+        result = CliRunner().invoke(app, [*base, *arguments])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and message in result.output
+    monkeypatch.setattr(command, "_writable", lambda directory: False)
+    result = CliRunner().invoke(app, [*base, *train, "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 2, result.output
+    assert f"directory {tmp_path} is not writable" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_eval_with_model_end_to_end(ckpt, tmp_path):

@@ -153,7 +153,7 @@ def load_csv(
     """Reads a CSV (optionally gzip/zip/bz2/xz compressed, detected from the suffix)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
     try:
         frame = pd.read_csv(path, na_values=list(MISSING_MARKERS), low_memory=False)
     except pd.errors.EmptyDataError as error:

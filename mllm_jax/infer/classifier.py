@@ -46,6 +46,15 @@ BATCH_INDEPENDENT = 4
 """Default one-row prompts per model call with independent_rows (docs/infer.md)."""
 
 
+def _floating(dtype: Any) -> bool:
+    import jax.numpy as jnp
+
+    try:
+        return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.floating))
+    except TypeError:
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     """What `MLLMClassifier.predict_details` returns.
@@ -199,6 +208,12 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"n_shots must be >= 1 or None, got {self.n_shots}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 or None, got {self.max_new_tokens}")
+        if self.dtype is not None and not _floating(self.dtype):
+            # (an unknown name was reported against the model's config.json)
+            raise ValueError(
+                f"dtype must be a floating type such as 'float32' or 'bfloat16' (or None), "
+                f"got {self.dtype!r}"
+            )
 
     def _batch_size(self) -> int:
         if self.batch_size is not None:

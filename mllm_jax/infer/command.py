@@ -23,14 +23,21 @@ from mllm_jax.eval.datasets import MISSING_MARKERS, DatasetError, load_csv
 from mllm_jax.foundation.files import default_mode
 from mllm_jax.infer.classifier import MLLMClassifier
 
-USAGE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError)
+USAGE_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    ValueError,
+)
 """Bad input (files, columns, labels, options, context length): exit status 2."""
 
 
 def read_test_csv(path: Path) -> pd.DataFrame:
     """The test table as pandas reads it with the evaluation's missing-value markers."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
     try:
         frame = pd.read_csv(path, na_values=list(MISSING_MARKERS), low_memory=False)
     except pd.errors.EmptyDataError as error:
@@ -66,6 +73,19 @@ def check_output(out: Path, inputs: dict[str, Path], overwrite: bool) -> None:
         raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a directory; name a CSV file")
+    # Where the file would go, told before the model runs (a parent below a file was a
+    # FileExistsError from mkdir after all the work).
+    parent = next(p for p in (out.parent, *out.parent.parents) if p.exists() or p == p.parent)
+    if not parent.is_dir():
+        raise NotADirectoryError(f"--out {out}: {parent} is not a directory")
+    if not _writable(parent):
+        raise PermissionError(f"--out {out}: directory {parent} is not writable")
+
+
+def _writable(directory: Path) -> bool:
+    """Whether this process may create files in `directory` (False for an immutable
+    directory or a read-only filesystem, even as root)."""
+    return os.access(directory, os.W_OK | os.X_OK)
 
 
 def predict_command(

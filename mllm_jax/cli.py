@@ -100,6 +100,13 @@ def generate(
             prior_processes=prior_processes,
         )
         manifest = run_generate(config, out, progress=progress)
+    except KeyboardInterrupt:
+        # The journal records the complete shards; the next run continues after them.
+        typer.echo(
+            "interrupted: rerun the same command to continue after the last complete shard",
+            err=True,
+        )
+        raise typer.Exit(130) from None
     except GenerateError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error

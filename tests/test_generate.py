@@ -119,8 +119,8 @@ def test_processes_together_write_the_one_process_corpus(tmp_path, filtered):
 
 
 def _stops_after(batches_before_stop: int, error: type[BaseException] = KeyboardInterrupt):
-    def interrupted(*args):
-        batches = fake_batches(*args)
+    def interrupted(*args, **kwargs):
+        batches = fake_batches(*args, **kwargs)
         for _ in range(batches_before_stop):
             yield next(batches)
         raise error
@@ -291,6 +291,25 @@ def test_generate_says_what_it_does_before_the_first_batch(tmp_path, monkeypatch
     )
     assert result.stderr.splitlines() == [line]
     assert said_before_first_batch and line in said_before_first_batch[0]
+
+
+def test_ctrl_c_of_the_command_says_how_to_continue(tmp_path, monkeypatch):
+    """Ctrl-C of `mllm-jax generate`: exit 130 and a line saying a rerun continues (was
+    silent); the rerun resumes after the complete shards."""
+    import mllm_jax.prior
+
+    monkeypatch.setattr(mllm_jax.prior, "iter_task_batches", _stops_after(2))
+    args = ["generate", "--out", str(tmp_path), "--count", "40", "--shard-size", "4"]
+    args += ["--batch-size", "8", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines()[-1] == (
+        "interrupted: rerun the same command to continue after the last complete shard"
+    )
+    monkeypatch.setattr(mllm_jax.prior, "iter_task_batches", fake_batches)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "resuming at task 14 of 0..39 after 3 complete shards (12 tasks)" in result.stderr
 
 
 def test_an_output_place_that_cannot_be_written_is_a_one_line_error(tmp_path, monkeypatch):

@@ -214,5 +214,9 @@ def test_config_validates_and_loads_from_plain_data():
         from_dict(FilterConfig, {"n_estimators": 0})
     with pytest.raises(ConfigError, match="max_features"):
         from_dict(FilterConfig, {"max_features": "cube"})
+    # a whole number is a count of features (was read as the fraction 3.0 and refused)
+    count = from_dict(FilterConfig, {"max_features": 3}).max_features
+    assert count == 3 and type(count) is int
+    assert from_dict(FilterConfig, {"max_features": 1.0}).max_features == 1.0
     with pytest.raises(ValueError, match="consensus_folds"):
         FilterConfig(consensus_folds=1)

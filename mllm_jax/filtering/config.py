@@ -43,7 +43,7 @@ class FilterConfig:
 
     n_estimators: int = 30
     max_depth: int | None = None
-    max_features: Literal["sqrt", "log2"] | float | int = "sqrt"
+    max_features: Literal["sqrt", "log2"] | int | float = "sqrt"  # int before float: 3 is a count
     min_samples_leaf: int = 1
     min_kappa: float = 0.1
     balanced_accuracy_margin: float = 0.05

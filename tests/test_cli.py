@@ -79,6 +79,26 @@ def test_train_refuses_shards_under_the_default_synthetic_kind(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_refuses_a_bad_stop_at_and_a_run_dir_it_cannot_make(tmp_path):
+    """--stop-at 0 or negative (ran nothing, exit 0, left a run directory), a run_dir that
+    is a file or lies below one (FileExistsError/NotADirectoryError tracebacks): one
+    line, exit 2."""
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["--stop-at", "0"], tmp_path / "run", "stop_at (--stop-at) must be a step >= 1, got 0"),
+        (["--stop-at", "-3"], tmp_path / "run", "must be a step >= 1, got -3"),
+        ([], tmp_path / "file", f"run_dir {tmp_path / 'file'} is a file, not a directory"),
+        ([], tmp_path / "file" / "run", "cannot create the directory (Not a directory)"),
+    ]
+    for extra, run_dir, message in cases:
+        result = _invoke(
+            "train", "--config", "configs/train_tiny.yaml", "--set", f"run_dir={run_dir}", *extra
+        )
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and message in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_stats_defaults_to_the_bundled_tables(tmp_path):
     out = tmp_path / "stats"
     result = _invoke("stats", "--out", str(out), "--rows", "24")

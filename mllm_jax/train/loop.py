@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from rich.console import Console
 
-from mllm_jax.config import load_config, save_config, to_dict
+from mllm_jax.config import ConfigError, load_config, save_config, to_dict
 from mllm_jax.encoding.tokens import QWEN2_DIGIT_IDS
 from mllm_jax.model import Qwen2ForCausalLM, init_model, load_hf, preset, save_hf
 from mllm_jax.model.config import Qwen2Config
@@ -720,6 +720,8 @@ def train(
     """
     data_factory = data_factory or default_data
     shown = console or Console(stderr=True)
+    if stop_at is not None and stop_at < 1:
+        raise ConfigError(f"stop_at (--stop-at) must be a step >= 1, got {stop_at}")
 
     def report(line: str) -> None:
         if is_main_process():
@@ -727,7 +729,20 @@ def train(
 
     check_task_overlap(config)
     config = resolve_steps(config, data_factory, report)
+    _make_run_dir(Path(config.run_dir))
     return _Run(config, data_factory, stop_at, console).run()
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    """Creates the run directory; a place that is a file, lies below a file or cannot be
+    written is a ConfigError naming it (were tracebacks from mkdir)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"run_dir {run_dir} is a file, not a directory") from None
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError(f"run_dir {run_dir}: cannot create the directory ({reason})") from None
 
 
 # ----------------------------------------------------------------------- load_trained

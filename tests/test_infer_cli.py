@@ -103,15 +103,31 @@ def test_predict_refuses_an_output_place_it_cannot_write_before_the_model_runs(
     ckpt, csvs, tmp_path, monkeypatch
 ):
     """--out below a file (was a FileExistsError after the whole prediction), in a
-    directory that is not writable, --train naming a directory: one line, exit 2."""
+    directory that is not writable, --train naming a directory, a --metrics file that is
+    an input, the output or below a file: one line, exit 2, inputs untouched."""
     import mllm_jax.infer.command as command
 
     (tmp_path / "file").write_text("x")
+    before = (csvs / "train.csv").read_bytes()
     base = ["predict", "--model", str(ckpt), "--test", str(csvs / "test.csv"), *OPTIONS]
     train = ["--train", str(csvs / "train.csv")]
     cases = [
         ([*train, "--out", str(tmp_path / "file" / "p.csv")], f"{tmp_path / 'file'} is not a"),
         (["--train", str(tmp_path), "--out", str(tmp_path / "p.csv")], f"{tmp_path}: not a file"),
+        # --metrics is appended to after the work: was written into the training CSV, or
+        # failed after the predictions were written
+        (
+            [*train, "--out", str(tmp_path / "p.csv"), "--metrics", str(csvs / "train.csv")],
+            "is the --train file",
+        ),
+        (
+            [*train, "--out", str(tmp_path / "p.csv"), "--metrics", str(tmp_path / "p.csv")],
+            "is the --out file",
+        ),
+        (
+            [*train, "--out", str(tmp_path / "p.csv"), "--metrics", str(tmp_path / "file" / "m")],
+            f"--metrics {tmp_path / 'file' / 'm'}: {tmp_path / 'file'} is not a directory",
+        ),
     ]
     for arguments, message in cases:
         result = CliRunner().invoke(app, [*base, *arguments])
@@ -122,6 +138,7 @@ def test_predict_refuses_an_output_place_it_cannot_write_before_the_model_runs(
     assert result.exit_code == 2, result.output
     assert f"directory {tmp_path} is not writable" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert before == (csvs / "train.csv").read_bytes()
 
 
 def test_eval_with_model_end_to_end(ckpt, tmp_path):

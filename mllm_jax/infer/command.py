@@ -63,9 +63,12 @@ def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
         raise
 
 
-def check_output(out: Path, inputs: dict[str, Path], overwrite: bool) -> None:
+def check_output(
+    out: Path, inputs: dict[str, Path], overwrite: bool, metrics: Path | None = None
+) -> None:
     """Refuses an output that is one of the inputs, or an existing file without
-    `overwrite` (before any work is done)."""
+    `overwrite`, and a place for `out` or `metrics` that cannot be written (before any
+    work is done)."""
     for flag, path in inputs.items():
         if path.exists() and out.exists() and os.path.samefile(out, path):
             raise ValueError(f"--out {out} is the {flag} file; write the predictions elsewhere")
@@ -73,13 +76,29 @@ def check_output(out: Path, inputs: dict[str, Path], overwrite: bool) -> None:
         raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a directory; name a CSV file")
-    # Where the file would go, told before the model runs (a parent below a file was a
-    # FileExistsError from mkdir after all the work).
-    parent = next(p for p in (out.parent, *out.parent.parents) if p.exists() or p == p.parent)
+    _check_place("--out", out)
+    if metrics is None:
+        return
+    # --metrics is appended to after the work: told now, and never an input or --out.
+    for flag, path in {**inputs, "--out": out}.items():
+        same = metrics.exists() and path.exists() and os.path.samefile(metrics, path)
+        if same or metrics.absolute() == path.absolute():
+            raise ValueError(f"--metrics {metrics} is the {flag} file; name another file")
+    if metrics.is_dir():
+        raise IsADirectoryError(f"--metrics {metrics} is a directory; name a file")
+    _check_place("--metrics", metrics)
+    if metrics.exists() and not os.access(metrics, os.W_OK):
+        raise PermissionError(f"--metrics {metrics} is not writable")
+
+
+def _check_place(flag: str, path: Path) -> None:
+    """The nearest existing ancestor of `path` must be a directory this process may
+    write (a parent below a file was a FileExistsError from mkdir after all the work)."""
+    parent = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p == p.parent)
     if not parent.is_dir():
-        raise NotADirectoryError(f"--out {out}: {parent} is not a directory")
+        raise NotADirectoryError(f"{flag} {path}: {parent} is not a directory")
     if not _writable(parent):
-        raise PermissionError(f"--out {out}: directory {parent} is not writable")
+        raise PermissionError(f"{flag} {path}: directory {parent} is not writable")
 
 
 def _writable(directory: Path) -> bool:
@@ -104,7 +123,7 @@ def predict_command(
     `metrics` when given). `out` may not be `train` or `test`, nor an existing file
     unless `overwrite`.
     """
-    check_output(out, {"--train": train, "--test": test}, overwrite)
+    check_output(out, {"--train": train, "--test": test}, overwrite, metrics)
     console = Console(stderr=True)
     dataset = load_csv(train, target)
     console.print(dataset.describe())

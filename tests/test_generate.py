@@ -256,6 +256,9 @@ def test_cli_generate(tmp_path, monkeypatch):
     for extra, message in [
         (["--consensus"], "--consensus needs --filter"),
         (["--set", "prior.rows=1"], "rows=1 too few for a split"),
+        (["--set", "prior.rows=abc"], "prior.rows: expected an integer, got 'abc'"),
+        (["--set", "prior.widths=[16,x]"], "prior.widths[1]: expected an integer"),
+        (["--set", "prior.max_feature=3"], "did you mean 'max_features'?"),
         (["--set", "filter.n_trees=3"], "unknown key"),
         (["--set", "rows=3"], "expected prior.<field>=value"),
         (["--process-index", "1"], "give both --process-index and --process-count"),

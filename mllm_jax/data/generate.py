@@ -522,7 +522,9 @@ def build_config(
             )
     data = apply_overrides(sections, overrides)
     try:
-        prior = PriorConfig.from_dict(data["prior"])
+        # typed like the filter's (PriorConfig.from_dict checks no types: 'abc' for an
+        # integer was a TypeError traceback from the validation)
+        prior = from_dict(PriorConfig, data["prior"], where="prior")
         data["filter"]["consensus"] = consensus
         filter_config = from_dict(FilterConfig, data["filter"], where="filter")
     except (ConfigError, ValueError) as err:  # PriorConfigError is a ValueError

@@ -326,6 +326,14 @@ def test_cli_runs_baselines_and_reports_missing_llm(tmp_path, monkeypatch):
         result = runner.invoke(app, ["eval", "--out", str(tmp_path / "y"), *arguments])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "y").exists()  # a refused run leaves no output directory
+    (tmp_path / "file").write_text("x")  # an --out that is or lies below a file
+    for out, message in [
+        (tmp_path / "file", "is a file, not a directory"),
+        (tmp_path / "file" / "y", "cannot create the directory (Not a directory)"),
+    ]:
+        result = runner.invoke(app, ["eval", "--data", "iris", "--out", str(out)])
+        assert result.exit_code == 2 and f"error: --out {out}" in result.output, result.output
+        assert message in result.output
 
 
 def test_worker_processes_give_the_same_results(tmp_path, datasets):

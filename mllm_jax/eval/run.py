@@ -270,7 +270,15 @@ def run_evaluation(
         _check_picklable(methods)
     out_dir = Path(out_dir)
     plan: Plan = build_plan(datasets, shots, seeds, protocol)  # bad shots: no directory
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # these were tracebacks
+        raise RunDirectoryError(f"--out {out_dir} is a file, not a directory") from None
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise RunDirectoryError(
+            f"--out {out_dir}: cannot create the directory ({reason})"
+        ) from None
     run_info = _check_run_directory(out_dir, protocol, datasets)
 
     log_path = out_dir / RESULTS_LOG

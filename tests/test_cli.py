@@ -55,6 +55,16 @@ def test_demo_refuses_a_bad_override_naming_the_key(tmp_path):
     assert result.exit_code == 2
     assert "train.stagse: unknown key" in result.stderr and not result.stdout
     assert not (tmp_path / "run").exists()  # nothing written for a refused config
+    (tmp_path / "file").write_text("x")  # --out that is or lies below a file: tracebacks
+    for out, message in [
+        (tmp_path / "file", "is a file, not a directory"),
+        (tmp_path / "file" / "run", "cannot create the directory (Not a directory)"),
+    ]:
+        # a narrow terminal does not break the line (rich wrapped it at 80 columns)
+        result = CliRunner().invoke(app, ["demo", "--out", str(out)], env={"COLUMNS": "40"})
+        assert result.exit_code == 2, result.output
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"error: --out {out}") and line.endswith(message)
 
 
 def test_train_refuses_a_bad_override_naming_the_key(tmp_path):

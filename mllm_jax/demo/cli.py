@@ -25,7 +25,7 @@ def demo_command(
         metrics = run_demo(config, out, restart=restart, console=console, progress=progress)
     except (ConfigError, RunDirectoryError, CheckpointMismatchError) as error:
         # On stderr, as every other command's errors (the stage lines go to stdout).
-        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False)
+        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         console.print(

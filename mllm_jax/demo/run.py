@@ -57,6 +57,8 @@ def _differences(saved: Any, current: Any, where: str = "") -> list[str]:
 def prepare_directory(out: Path, config: DemoConfig, *, restart: bool) -> None:
     """Creates `out` (or checks that it continues this config) and saves the config."""
     saved_path = out / CONFIG_FILE
+    if out.exists() and not out.is_dir():  # was a NotADirectoryError traceback
+        raise RunDirectoryError(f"--out {out} is a file, not a directory")
     if restart and out.exists():
         if not saved_path.exists() and any(out.iterdir()):
             raise RunDirectoryError(
@@ -84,7 +86,11 @@ def prepare_directory(out: Path, config: DemoConfig, *, restart: bool) -> None:
             f"{out} is not empty and holds no {CONFIG_FILE}: choose another --out (or an "
             "empty directory)"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise RunDirectoryError(f"--out {out}: cannot create the directory ({reason})") from None
     save_config(config, saved_path)
 
 

@@ -82,6 +82,9 @@ def test_predict_refuses_bad_input(ckpt, csvs, tmp_path):
     runner = CliRunner()
     test = pd.read_csv(csvs / "test.csv").drop(columns=["count"])
     test.to_csv(tmp_path / "short.csv", index=False)
+    infinite = pd.read_csv(csvs / "test.csv")
+    infinite.loc[2, "size"] = np.inf
+    infinite.to_csv(tmp_path / "inf.csv", index=False)
     out = tmp_path / "preds.csv"
     base = ["predict", "--model", str(ckpt), "--train", str(csvs / "train.csv"), "--out", str(out)]
     cases = [
@@ -90,6 +93,8 @@ def test_predict_refuses_bad_input(ckpt, csvs, tmp_path):
         (["--test", str(tmp_path / "absent.csv")], "absent.csv: no such file"),
         (["--test", str(csvs / "test.csv"), "--mode", "vote"], "mode must be one of"),
         (["--test", str(tmp_path)], f"{tmp_path}: not a file"),
+        # named by file like the training file's (was "X: column 'size' holds ...")
+        (["--test", str(tmp_path / "inf.csv")], "inf.csv: column 'size' has 1 infinite values"),
         (["--test", str(csvs / "test.csv"), "--dtype", "float8"], "dtype must be a floating"),
     ]
     for arguments, message in cases:

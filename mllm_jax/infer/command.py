@@ -46,6 +46,15 @@ def read_test_csv(path: Path) -> pd.DataFrame:
         raise DatasetError(f"{path}: not a readable CSV file ({error})") from error
     if len(frame) == 0:
         raise DatasetError(f"{path}: the table has a header but no rows")
+    for name in frame.columns:  # named by file, as the training file's are (load_csv)
+        column = frame[name]
+        if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+            infinite = np.flatnonzero(np.isinf(column.to_numpy(dtype=np.float64)))
+            if len(infinite):
+                raise DatasetError(
+                    f"{path}: column {str(name)!r} has {len(infinite)} infinite values "
+                    f"(first at data row {infinite[0]}); replace them or mark them missing"
+                )
     return frame
 
 

@@ -42,13 +42,21 @@ BENCH_SHAPE = dict(
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def make_batch(vocab: int, seq: int, batch: int, answer_fraction: float, seed: int):
-    """One packed-format batch: a single sequence per row, the last tokens the answer."""
+def make_batch(
+    vocab: int,
+    seq: int,
+    batch: int,
+    answer_fraction: float,
+    seed: int,
+    answer_tokens: int | None = None,
+):
+    """One packed-format batch: a single sequence per row, the last tokens the answer
+    (`answer_tokens` of them, default `answer_fraction` of the sequence)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, (batch, seq)).astype(np.int32)
     targets = np.zeros_like(ids)
     targets[:, :-1] = ids[:, 1:]
-    answer = max(1, round(answer_fraction * seq))
+    answer = answer_tokens if answer_tokens is not None else max(1, round(answer_fraction * seq))
     loss_mask = np.zeros((batch, seq), bool)
     loss_mask[:, seq - 1 - answer : seq - 1] = True
     return {
@@ -64,9 +72,13 @@ def make_batch(vocab: int, seq: int, batch: int, answer_fraction: float, seed: i
 
 
 class Ours:
-    """Our train step (mllm_jax.train.step) on a mesh of every local device."""
+    """Our train step (mllm_jax.train.step) on a mesh of every local device.
 
-    def __init__(self, args: argparse.Namespace, batch: dict[str, np.ndarray]):
+    `config`: the model's architecture (its runtime fields are set from `args`); default
+    the preset `args.preset` or the bench shape.
+    """
+
+    def __init__(self, args: argparse.Namespace, batch: dict[str, np.ndarray], config=None):
         import jax
         import jax.numpy as jnp
 
@@ -88,7 +100,9 @@ class Ours:
             attention_backend=args.attention,
             attention_query_chunk=args.query_chunk,
         )
-        if args.preset:
+        if config is not None:
+            config = config.replace(**runtime)
+        elif args.preset:
             config = preset(args.preset, **runtime)
         else:
             config = Qwen2Config(**BENCH_SHAPE, **runtime)
@@ -116,6 +130,7 @@ class Ours:
         _, stats = check_batch(
             batch, where="bench", vocab_size=config.vocab_size, max_answer_tokens=budget
         )
+        self.stats = stats
         self.flops = flops.step_flops(config, stats, args.mode)
         self.batch = to_device({k: v[None] for k, v in batch.items()}, mesh)
         self.lr = np.float32(1e-4)
@@ -140,18 +155,33 @@ class Ours:
 
 
 class Torch:
-    """transformers Qwen2ForCausalLM (+ peft LoRA), torch AdamW, labels -100 off-answer."""
+    """transformers Qwen2ForCausalLM (+ peft LoRA), torch AdamW, labels -100 off-answer.
 
-    def __init__(self, args: argparse.Namespace, batch: dict[str, np.ndarray]):
+    `shape`: transformers Qwen2Config fields (default the bench shape); `device`: where
+    the model is built and trained; `answer_logits_only`: transformers' `logits_to_keep`
+    limits the LM head to the answer tail (the last answer + 1 positions, where
+    `make_batch` puts the answer), as ours evaluates it only at the answer tokens.
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        batch: dict[str, np.ndarray],
+        shape: dict[str, Any] | None = None,
+        device: str = "cpu",
+        answer_logits_only: bool = False,
+    ):
         import torch
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         self.torch = torch
+        self.device = device
         torch.manual_seed(0)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-        config = Qwen2Config(**BENCH_SHAPE)
+        config = Qwen2Config(**(BENCH_SHAPE if shape is None else shape))
         config._attn_implementation = "sdpa"
-        model = Qwen2ForCausalLM(config).to(dtype)
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config).to(dtype)
         if args.mode == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -168,17 +198,25 @@ class Torch:
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-        self.ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
+        self.ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=device)
         labels = np.where(batch["loss_mask"], batch["targets"], -100)
         # HF shifts labels itself: label[t] is the target of position t - 1.
         shifted = np.full_like(labels, -100)
         shifted[:, 1:] = labels[:, :-1]
-        self.labels = torch.as_tensor(shifted, dtype=torch.long)
+        self.keep: dict[str, int] = {}
+        if answer_logits_only:
+            # The answer ends one token before the end (make_batch): its positions and
+            # the last one (whose label, after HF's shift, is padding) are the tail.
+            first = int(np.argmax(batch["loss_mask"].any(axis=0)))
+            tail = batch["input_ids"].shape[1] - first
+            shifted = shifted[:, -tail:]
+            self.keep = {"logits_to_keep": tail}
+        self.labels = torch.as_tensor(shifted, dtype=torch.long, device=device)
 
     def step(self) -> tuple[float, float]:
         """One step -> (wall seconds, CPU seconds of this process)."""
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = self.model(input_ids=self.ids, labels=self.labels).loss
+        loss = self.model(input_ids=self.ids, labels=self.labels, **self.keep).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -64,6 +64,7 @@ def test_predict_writes_probabilities_and_predictions(ckpt, csvs, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
+    assert result.stdout == ""  # progress, description and summary all on stderr
     preds = pd.read_csv(out)
     assert list(preds.columns) == ["proba_no", "proba_yes", "prediction", "label"]
     assert len(preds) == 7

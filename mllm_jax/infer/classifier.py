@@ -411,10 +411,15 @@ class _Progress:
     def __enter__(self):
         if not self.enabled:
             return None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-        self.bar = Progress(
-            "[bold]predict", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        self.bar = Progress(  # on stderr with the other messages (stdout was the bar's)
+            "[bold]predict",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
         )
         self.bar.start()
         task = self.bar.add_task("rows", total=self.total)

@@ -248,6 +248,7 @@ def test_continue_from_a_peft_adapter(runs, tmp_path):
         build_model(other, straight / "base", None, None)
 
 
+@pytest.mark.slow  # the default suite's kill soak (3 kills) covers it
 def test_killed_process_resumes_bitwise(runs, tmp_path):
     """SIGKILL a training process (mid-run, possibly mid-save), rerun: same end state."""
     config_path, straight, _ = runs

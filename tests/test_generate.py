@@ -318,7 +318,7 @@ def test_ctrl_c_of_the_command_says_how_to_continue(tmp_path, monkeypatch):
 def test_an_output_place_that_cannot_be_written_is_a_one_line_error(tmp_path, monkeypatch):
     """--out naming a file, a path below a file, or a directory this process may not
     write: one line, exit 2 (were tracebacks from mkdir and the shard writer)."""
-    import mllm_jax.data.generate as generate_module
+    import mllm_jax.foundation.directories as directories
     import mllm_jax.prior
 
     monkeypatch.setattr(mllm_jax.prior, "iter_task_batches", fake_batches)
@@ -336,7 +336,7 @@ def test_an_output_place_that_cannot_be_written_is_a_one_line_error(tmp_path, mo
         assert result.exit_code == 2, result.output
         assert result.output.strip() == message
     (tmp_path / "read-only").mkdir()
-    monkeypatch.setattr(generate_module, "_writable", lambda directory: False)
+    monkeypatch.setattr(directories, "_writable_dir", lambda directory: False)
     result = CliRunner().invoke(app, [*args, str(tmp_path / "read-only")])
     assert result.exit_code == 2, result.output
     assert result.output.strip().endswith("read-only: the directory is not writable")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import sys
 import time
@@ -32,6 +31,7 @@ from mllm_jax.data.shards import (
 )
 from mllm_jax.data.tasks import Task
 from mllm_jax.filtering.config import FilterConfig
+from mllm_jax.foundation.directories import make_directory_problem
 from mllm_jax.prior.config import PriorConfig
 
 
@@ -365,21 +365,9 @@ def _generate(
 def _make_writable_directory(out: Path) -> None:
     """Creates the corpus directory; a place that is not a directory or cannot be written
     is a GenerateError naming it (was a traceback from mkdir or the shard writer)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise GenerateError(f"--out {out}: not a directory") from None
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise GenerateError(f"--out {out}: cannot create the directory ({reason})") from None
-    if not _writable(out):
-        raise GenerateError(f"--out {out}: the directory is not writable")
-
-
-def _writable(directory: Path) -> bool:
-    """Whether this process may add entries to `directory` (False for an immutable
-    directory or a read-only filesystem, even as root)."""
-    return os.access(directory, os.W_OK | os.X_OK)
+    problem = make_directory_problem(out)
+    if problem is not None:
+        raise GenerateError(f"--out {out}: {problem}")
 
 
 def config_sha256(settings: dict[str, Any]) -> str:

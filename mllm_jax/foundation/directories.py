@@ -53,6 +53,20 @@ def _writable_dir(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
+def make_directory_problem(directory: str | os.PathLike[str]) -> str | None:
+    """Creates `directory` (and its parents); returns what stops it from being a writable
+    directory ("not a directory", "cannot create the directory (<reason>)", "the
+    directory is not writable"), or None. Callers raise their own error with it."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return "not a directory"
+    except OSError as error:
+        return f"cannot create the directory ({_reason(error)})"
+    return None if _writable_dir(path) else "the directory is not writable"
+
+
 def check_output_directory(target: str | os.PathLike[str], *, overwrite: bool) -> None:
     """Raises if directory `target` may not or cannot be written by this process; cheap
     (no writes), so called before the work whose result goes there.

@@ -662,6 +662,16 @@ def _error_text(err: BaseException) -> str:
     return text if len(text) < 600 else text[:600] + " ..."
 
 
+def _error_record(name: str, err: BaseException) -> dict[str, Any]:
+    """The JSON line of check `name` that raised `err`."""
+    return {
+        "check": name,
+        "status": "error",
+        "summary": _error_text(err)[:200],
+        "error": _error_text(err),
+    }
+
+
 def is_oom(err: BaseException) -> bool:
     text = f"{type(err).__name__} {err}"
     return any(
@@ -697,14 +707,7 @@ def run_child(args: argparse.Namespace, s: Settings) -> int:
     except BaseException as err:
         log(traceback.format_exc())
         for name in names:
-            report(
-                {
-                    "check": name,
-                    "status": "error",
-                    "summary": _error_text(err)[:200],
-                    "error": _error_text(err),
-                }
-            )
+            report(_error_record(name, err))
         return 1
     return 0
 
@@ -1111,14 +1114,7 @@ def child_train(args, s: Settings, gate) -> None:
             report(_train_shape(jax, args, s, shape))
         except Exception as err:
             log(traceback.format_exc())
-            report(
-                {
-                    "check": name,
-                    "status": "error",
-                    "summary": _error_text(err)[:200],
-                    "error": _error_text(err),
-                }
-            )
+            report(_error_record(name, err))
         gc.collect()
         jax.clear_caches()
 
@@ -1257,14 +1253,7 @@ def child_torch_train(args, s: Settings, gate) -> None:
             report(_torch_shape(torch, device, args, s, shape, ours))
         except Exception as err:
             log(traceback.format_exc())
-            report(
-                {
-                    "check": name,
-                    "status": "error",
-                    "summary": _error_text(err)[:200],
-                    "error": _error_text(err),
-                }
-            )
+            report(_error_record(name, err))
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

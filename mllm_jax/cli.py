@@ -321,8 +321,8 @@ def train_(
 ) -> None:
     """Train or resume a run (LoRA or full) over the device mesh; writes the run directory.
     Multi-host: run the same command on every host (docs/multihost.md)."""
+    from mllm_jax.foundation.distributed import DistributedConfig, DistributedError, initialize
     from mllm_jax.train.command import USAGE_ERRORS, train_command
-    from mllm_jax.train.distributed import DistributedConfig, DistributedError, initialize
 
     try:
         initialize(
@@ -395,8 +395,8 @@ def runs_show(
     """A run's stages, checkpoints (readable or not), best step, set-aside steps, last
     logged loss, and what `mllm-jax train --config RUN/config.yaml` would do next (start
     fresh, resume from which step, or nothing: finished). Reads metadata only."""
+    from mllm_jax.runs.inspect import inspect_run
     from mllm_jax.train.command import RUNS_ERRORS, render_run
-    from mllm_jax.train.inspect import inspect_run
 
     try:
         info = inspect_run(run)
@@ -413,7 +413,10 @@ def demo(
     ] = Path("runs/demo"),
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="YAML demo config (default: configs/demo.yaml's values)."),
+        typer.Option(
+            "--config",
+            help="YAML laid over the demo's settings (mllm_jax/assets/demo.yaml).",
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None,

@@ -1,15 +1,26 @@
 """The shipped configs load strictly, say what the docs say, and bad ones fail at load
 naming the key and the reason."""
 
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mllm_jax.config import ConfigError, apply_overrides, load_config, to_dict
+from mllm_jax.assets import demo_config
 from mllm_jax.demo.config import DemoConfig, load_demo_config, resolve_paths
-from mllm_jax.train.config import TrainConfig
+from mllm_jax.foundation.config import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    load_yaml,
+    to_dict,
+)
+from mllm_jax.runs.config import TrainConfig
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
 RECIPES = ["qwen2.5-7b-lora.yaml", "qwen2.5-1.5b-lora.yaml", "qwen2.5-0.5b-lora.yaml"]
 
 
@@ -25,9 +36,40 @@ def test_every_shipped_config_loads(path):
     assert isinstance(config, DemoConfig | TrainConfig)
 
 
-def test_demo_yaml_is_the_builtin_default():
-    # `mllm-jax demo` without --config runs DemoConfig(); the file must say the same.
-    assert load_demo_config(CONFIGS / "demo.yaml") == DemoConfig()
+def _leaves(data: Any, where: tuple = ()) -> list[tuple[tuple, Any]]:
+    """(path, value) of every scalar of nested YAML data."""
+    if isinstance(data, dict):
+        return [leaf for k, v in data.items() for leaf in _leaves(v, (*where, k))]
+    if isinstance(data, list):
+        return [leaf for i, v in enumerate(data) for leaf in _leaves(v, (*where, i))]
+    return [(where, data)]
+
+
+def test_the_packaged_yaml_is_the_demo_and_its_only_copy():
+    packaged = load_yaml(demo_config())
+    default = load_demo_config(None)
+    # `mllm-jax demo` without --config runs the packaged file, which sets every value the
+    # demo chooses on its own: the dataclasses hold none of them.
+    assert default == from_dict(DemoConfig, packaged)
+    with pytest.raises(TypeError, match="required keyword-only arguments"):
+        DemoConfig()
+    resolved = to_dict(default)
+    for path, value in _leaves(packaged):
+        node = resolved
+        for key in path:
+            node = node[key]
+        assert node == value, path
+    # The repository's configs/demo.yaml only points at it: the same demo.
+    assert load_yaml(CONFIGS / "demo.yaml") == {}
+    assert load_demo_config(CONFIGS / "demo.yaml") == default
+
+
+def test_the_packaged_yaml_ships_in_the_wheel():
+    # setuptools copies the package-data globs (relative to the package) into the wheel.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["mllm_jax"]
+    shipped = {p.resolve() for pattern in patterns for p in (ROOT / "mllm_jax").glob(pattern)}
+    assert demo_config().resolve() in shipped
 
 
 def test_paper_recipe():
@@ -115,7 +157,7 @@ def test_partial_demo_file_keeps_the_other_defaults(tmp_path):
     path.write_text("train:\n  stages:\n    - {name: only, steps: 3, learning_rate: 1.0e-3}\n")
     config = load_demo_config(path, ["eval.shots=[8]"])
     assert [s.name for s in config.train.stages] == ["only"]  # lists replace
-    assert config.train.model == DemoConfig().train.model  # mappings merge
+    assert config.train.model == load_demo_config(None).train.model  # mappings merge
     assert config.eval.shots == [8]
 
 
@@ -132,7 +174,7 @@ def test_overrides_index_lists():
 
 
 def test_demo_paths_resolve_under_the_output_directory(tmp_path):
-    train = resolve_paths(DemoConfig(), tmp_path)
+    train = resolve_paths(load_demo_config(None), tmp_path)
     assert train.run_dir == str(tmp_path / "train")
     assert train.stages[0].data.shards == [str(tmp_path / "data/warmup/*.array_record")]
     assert train.validation.data.shards == [str(tmp_path / "data/heldout/*.array_record")]

@@ -9,8 +9,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 
+from fake_prior import fake_batches
 from prompt_signal import parse_prompt, read_prompts, score
-from test_generate import fake_batches
 
 from mllm_jax.data.generate import GenerateConfig, generate
 from mllm_jax.data.pipeline import PipelineConfig, build_pipeline

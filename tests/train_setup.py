@@ -3,10 +3,10 @@
 import jax.numpy as jnp
 
 from mllm_jax.model import init_model
-from mllm_jax.train.config import OptimizerConfig
-from mllm_jax.train.mesh import ShardingRules
+from mllm_jax.model.sharding import ShardingRules
+from mllm_jax.runs.config import OptimizerConfig
+from mllm_jax.runs.state import init_optimizer, optimizer_shardings, split_model
 from mllm_jax.train.optim import make_optimizer
-from mllm_jax.train.state import init_optimizer, optimizer_shardings, split_model
 
 
 def full_split_and_optimizer(model_config, seed: int, mesh, optimizer: OptimizerConfig):

@@ -28,11 +28,11 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from mllm_jax.data.pipeline import PipelineConfig, build_pipeline
-from mllm_jax.data.tasks import Task, encode_task
 from mllm_jax.encoding.pack import packing_efficiency
 from mllm_jax.encoding.sampling import SamplingConfig, select_rows
 from mllm_jax.encoding.sequence import TaskSequenceEncoder, task_prompt
 from mllm_jax.encoding.tokens import PromptTokenizer, load_tokenizer, render_chat
+from mllm_jax.foundation.tasks import Task, encode_task
 
 
 def synthetic_task(rng: np.random.Generator, index: int) -> Task:

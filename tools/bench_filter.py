@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mllm_jax.data import Task
 from mllm_jax.filtering import FilterConfig, FilterPool, apply_filters
 from mllm_jax.filtering.pool import default_workers
+from mllm_jax.foundation.tasks import Task
 
 # ----------------------------------------------------------------------------- tasks
 

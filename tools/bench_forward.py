@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 CPU_CONFIG = dict(
     vocab_size=8192,
@@ -64,7 +65,10 @@ def bench_cpu(batch: int, seq: int, rounds: int, iters: int, threads: int) -> di
     from flax import nnx
 
     from mllm_jax.model import load_hf
-    from mllm_jax.model.testing import hf_logits, make_hf_model
+
+    # The tests' random transformers checkpoints: the same tiny-model code as the parity tests.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from hf_checkpoints import hf_logits, make_hf_model
 
     torch.set_num_threads(threads)
     torch_model = make_hf_model(seed=0, **CPU_CONFIG, initializer_range=0.02)

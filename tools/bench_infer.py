@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from mllm_jax.infer import RunSettings, answer_frame, build_chunked_prompt, from_model
-from mllm_jax.infer.runner import generate_prompt, score_prompt
+from mllm_jax.infer.runner import decode_prompt, score_prompt
 from mllm_jax.model import init_model, preset
 
 
@@ -168,13 +168,13 @@ def main() -> None:
     if not args.no_generate:
         run(
             "generate",
-            lambda p: generate_prompt(loaded, p, args.classes, answer_tokens, reuse),
+            lambda p: decode_prompt(loaded, p, args.classes, answer_tokens, reuse),
             prompt,
         )
     if not args.no_generate and args.generate_no_reuse:
         run(
             "generate_no_reuse",
-            lambda p: generate_prompt(loaded, p, args.classes, answer_tokens, again),
+            lambda p: decode_prompt(loaded, p, args.classes, answer_tokens, again),
             ref_prompt,
         )
 

@@ -82,15 +82,16 @@ class Ours:
         import jax
         import jax.numpy as jnp
 
+        from mllm_jax.foundation.mesh import make_mesh
         from mllm_jax.model import init_model, preset
         from mllm_jax.model.config import Qwen2Config
         from mllm_jax.model.lora import LoRAConfig, apply_lora
+        from mllm_jax.model.sharding import ShardingRules
+        from mllm_jax.runs.config import OptimizerConfig
+        from mllm_jax.runs.state import init_optimizer, optimizer_shardings, split_model
         from mllm_jax.train import flops
         from mllm_jax.train.batches import check_batch, to_device
-        from mllm_jax.train.config import OptimizerConfig
-        from mllm_jax.train.mesh import ShardingRules, make_mesh
         from mllm_jax.train.optim import make_optimizer
-        from mllm_jax.train.state import init_optimizer, optimizer_shardings, split_model
         from mllm_jax.train.step import make_train_step
 
         self.jax = jax

@@ -717,12 +717,13 @@ def _import_train_modules() -> None:
     import bench_train  # noqa: F401
     import flax.nnx  # noqa: F401
 
+    import mllm_jax.foundation.mesh
     import mllm_jax.model
+    import mllm_jax.model.sharding
+    import mllm_jax.runs.state
     import mllm_jax.train.batches
     import mllm_jax.train.flops
-    import mllm_jax.train.mesh
     import mllm_jax.train.optim
-    import mllm_jax.train.state
     import mllm_jax.train.step  # noqa: F401
 
 

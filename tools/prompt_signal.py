@@ -83,9 +83,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     args = parser.parse_args()
 
-    from mllm_jax.config import load_config
     from mllm_jax.encoding.tokens import load_tokenizer
-    from mllm_jax.train.config import TrainConfig
+    from mllm_jax.foundation.config import load_config
+    from mllm_jax.runs.config import TrainConfig
     from mllm_jax.train.data import default_data
 
     config = load_config(TrainConfig, args.config, args.set)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mllm_jax import __version__
 from mllm_jax.data.shards import (
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
@@ -27,12 +28,18 @@ from mllm_jax.data.shards import (
     journal_name,
     manifest_name,
     remove_process_files,
-    write_json_atomic,
 )
-from mllm_jax.data.tasks import Task
 from mllm_jax.filtering.config import FilterConfig
+from mllm_jax.filtering.report import FilterReport
+from mllm_jax.filtering.run import FilterErrorRateError, filter_into
+from mllm_jax.foundation.config import ConfigError, apply_overrides, from_dict
 from mllm_jax.foundation.directories import make_directory_problem
+from mllm_jax.foundation.distributed import initialize
+from mllm_jax.foundation.files import atomic_write_json
+from mllm_jax.foundation.tasks import Task
+from mllm_jax.prior import iter_task_batches
 from mllm_jax.prior.config import PriorConfig
+from mllm_jax.prior.workers import CoreWorkers
 
 
 class GenerateError(ValueError):
@@ -57,8 +64,6 @@ def default_process() -> tuple[int, int]:
     pod / SLURM / Open MPI cluster); (0, 1) for a single process. Without the join every
     pod worker would think it is process 0 and write the same slice."""
     import jax
-
-    from mllm_jax.train.distributed import initialize
 
     initialize()
     return jax.process_index(), jax.process_count()
@@ -134,8 +139,6 @@ def _versions() -> dict[str, str]:
     import numpy
     import sklearn
 
-    from mllm_jax import __version__
-
     return {
         "mllm_jax": __version__,
         "jax": jax.__version__,
@@ -210,8 +213,6 @@ def generate(
     if batches is not None:
         return _generate(config, out, progress, batches)
     if config.prior_processes:
-        from mllm_jax.prior.workers import CoreWorkers
-
         with CoreWorkers(config.prior_processes) as prior_workers:
             return _generate(
                 config, out, progress, prior_workers.iter_task_batches, prior_compiles=True
@@ -219,8 +220,6 @@ def generate(
     import functools
 
     import jax
-
-    from mllm_jax.prior import iter_task_batches
 
     # This host's devices only: under jax.distributed, jax.devices() lists every host's,
     # and the prior's tasks do not depend on the devices.
@@ -280,7 +279,7 @@ def _generate(
 
     def journal(shard: dict[str, Any]) -> None:
         last = indices.stop - 1 if finished else shard["last_index"]
-        write_json_atomic(
+        atomic_write_json(
             journal_path,
             {
                 "identity": identity,
@@ -303,8 +302,6 @@ def _generate(
         if config.filter is None:
             report = _write_unfiltered(tasks, writer, remaining, progress, counts)
         else:
-            from mllm_jax.filtering.run import FilterErrorRateError, filter_into
-
             try:
                 report = filter_into(
                     tasks,
@@ -357,7 +354,7 @@ def _generate(
     counted = manifest["tasks_written"] + manifest["invalid"] + manifest["rejected"]
     if counted != len(indices):  # every index is written, invalid or rejected
         raise RuntimeError(f"generate accounted for {counted} of {len(indices)} tasks")
-    write_json_atomic(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
     journal_path.unlink(missing_ok=True)
     return manifest
 
@@ -417,8 +414,6 @@ def _check_other_processes(out: Path, config: GenerateConfig) -> None:
 def _identity(config: GenerateConfig) -> dict[str, Any]:
     """What decides the bytes of a process's shards: a journal of other settings is not
     continued."""
-    from mllm_jax import __version__
-
     return {
         "seed": config.seed,
         "corpus_start": config.start,
@@ -466,8 +461,6 @@ def _start_counts(config: GenerateConfig, resumed: dict[str, Any] | None) -> Any
     counts = None if resumed is None else resumed["counts"]
     if config.filter is None:
         return {"tasks_seen": 0} if counts is None else dict(counts)
-    from mllm_jax.filtering.report import FilterReport
-
     return FilterReport() if counts is None else FilterReport.from_snapshot(counts)
 
 
@@ -493,8 +486,6 @@ def build_config(
     ``prior.rows=256``, ``filter.n_estimators=50``). The process slot defaults to
     :func:`default_process` when neither index nor count is given.
     """
-    from mllm_jax.config import ConfigError, apply_overrides, from_dict
-
     if consensus and not filter_tasks:
         raise GenerateError("--consensus needs --filter (the mask comes from the forests)")
     if (process_index is None) != (process_count is None):

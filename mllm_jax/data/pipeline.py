@@ -27,11 +27,11 @@ from typing import Any
 import grain
 import numpy as np
 
-from mllm_jax.data.tasks import decode_task
 from mllm_jax.encoding.pack import pack_dataset, pad_dataset, sequence_features
 from mllm_jax.encoding.sampling import OverBudgetError, SamplingConfig, TaskEncodingError
 from mllm_jax.encoding.sequence import TaskSequenceEncoder
 from mllm_jax.encoding.tokens import PromptTokenizer, load_backend_tokenizer
+from mllm_jax.foundation.tasks import decode_task
 
 _log = logging.getLogger(__name__)
 

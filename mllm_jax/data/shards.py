@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from mllm_jax.data.tasks import Task, encode_task
-from mllm_jax.foundation.files import default_mode
+from mllm_jax.foundation.tasks import Task, encode_task
 
 MANIFEST_FORMAT = "mllm_jax.task_corpus"
 MANIFEST_VERSION = 1
@@ -46,21 +44,6 @@ def manifest_name(process_index: int) -> str:
 def journal_name(process_index: int) -> str:
     """An unfinished generate run's record of its complete shards (removed at the end)."""
     return f".journal-p{process_index:05d}.json"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON to a temporary file beside ``path``, then renames it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    default_mode(tmp)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class ShardWriter:
@@ -269,7 +252,7 @@ class CorpusOverlapError(CorpusError):
 def _corpus_slices(paths: Sequence[str | Path]) -> dict[Path, list[dict[str, Any]]]:
     """For each corpus directory the paths come from and whose manifests list them: the
     listing processes' manifests (seed, prior, index range). Shards no manifest lists
-    (e.g. the demo's corpora) are left out: nothing is known of their prior."""
+    (e.g. files written by other tools) are left out: nothing is known of their prior."""
     by_dir: dict[Path, set[str]] = {}
     for path in paths:
         by_dir.setdefault(Path(path).parent.resolve(), set()).add(Path(path).name)

@@ -7,9 +7,11 @@
       eval       shots, seeds, baselines, real tables, held-out synthetic tables
       budgets    planned seconds per stage (printed beside the measured time)
 
-The defaults here are the demo (`mllm-jax demo` without --config); `configs/demo.yaml`
-spells the same values out (a test keeps the two equal). Load a file with
-`load_demo_config(path, ["train.stages.1.steps=40", ...])`.
+The demo's values live in one file, the packaged `mllm_jax/assets/demo.yaml`
+(`mllm-jax demo` without --config). The dataclasses below hold only neutral defaults (the
+libraries' own: `PriorConfig()`, `FilterConfig()`, no held-out tables...) and require the
+fields that file sets, so no value is written twice. Load it, with a file laid over it and
+overrides, by `load_demo_config(path, ["train.stages.1.steps=40", ...])`.
 """
 
 from __future__ import annotations
@@ -22,33 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mllm_jax.config import ConfigError, build_with_overrides, load_yaml, to_dict
+from mllm_jax.assets import demo_config
 from mllm_jax.filtering.config import FilterConfig
-from mllm_jax.prior.config import PriorConfig
-from mllm_jax.train.config import (
-    CheckpointConfig,
-    DataConfig,
-    LoggingConfig,
-    MeshConfig,
-    ModelConfig,
-    StageConfig,
-    TrainConfig,
-    ValidationConfig,
+from mllm_jax.foundation.config import (
+    ConfigError,
+    build_with_overrides,
+    load_config,
+    load_yaml,
+    to_dict,
 )
+from mllm_jax.prior.config import PriorConfig
+from mllm_jax.runs.config import DataConfig, TrainConfig
 
 STAGES = ("generate", "train", "export", "eval", "report")
 """The demo's stages, in the order they run."""
 
-# Qwen2.5's tokenizer: the tiny model must hold its ids (151,665 tokens; Qwen2.5 pads the
-# embedding to 151,936) and use its special tokens.
-QWEN_VOCAB = 151936
-QWEN_PAD = 151643  # <|endoftext|>
-QWEN_EOS = 151645  # <|im_end|>
-
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    """One range of task indices, filtered into `data/<name>/` as ArrayRecord shards.
+    """One range of task indices, generated (`mllm-jax generate --filter`) into
+    `data/<name>/`: ArrayRecord shards of the accepted tasks and a manifest.
 
     Attributes:
         name: directory name under `data/`, also how train stages and eval refer to it.
@@ -72,37 +67,27 @@ class CorpusConfig:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerateConfig:
-    """Synthetic tasks: prior -> random-forest filter -> task shards.
+    """Synthetic tasks: prior -> random-forest filter -> task shards, per corpus.
 
     Attributes:
         seed: corpus seed; task i is a function of (seed, i) and the prior settings.
         batch_size: tasks per prior call (a fixed size compiles once).
         tasks_per_shard: records per ArrayRecord file.
         workers: filter processes (None: one per core).
-        prior: `mllm_jax.prior.PriorConfig` fields.
+        prior: `mllm_jax.prior.PriorConfig` fields (left out: the prior's defaults).
         filter: `mllm_jax.filtering.FilterConfig` fields (`consensus` is set per corpus).
         corpora: the index ranges to generate, each into its own directory.
     """
 
-    seed: int = 0
-    batch_size: int = 64
-    tasks_per_shard: int = 1000
+    seed: int
+    batch_size: int
+    tasks_per_shard: int
     workers: int | None = None
-    prior: PriorConfig = field(
-        default_factory=lambda: PriorConfig(
-            rows=512, min_features=4, max_features=10, max_classes=5, max_hidden=64, widths=(64,)
-        )
-    )
+    prior: PriorConfig = field(default_factory=PriorConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
-    corpora: list[CorpusConfig] = field(
-        default_factory=lambda: [
-            CorpusConfig("warmup", start=0, count=64, consensus=True),
-            CorpusConfig("full", start=64, count=256),
-            CorpusConfig("heldout", start=1_000_000, count=64),
-        ]
-    )
+    corpora: list[CorpusConfig]
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.tasks_per_shard < 1:
@@ -125,7 +110,7 @@ class ExportConfig:
     dtype: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """The final evaluation, baselines against the exported model.
 
@@ -135,21 +120,23 @@ class EvalConfig:
         methods: baselines of `mllm_jax.eval` (rf, knn, xgb, lr, majority).
         datasets: real tables (CSV files, directories, scikit-learn names); empty: the
             three tables bundled with the package.
-        heldout: the corpus whose accepted tasks become held-out synthetic tables.
+        heldout: the corpus whose accepted tasks become held-out synthetic tables (None:
+            none).
         heldout_tables: how many of them are evaluated.
-        max_test: at most this many test rows per table (stratified), for time.
+        max_test: at most this many test rows per table (stratified), for time (None:
+            all of the split's test rows).
         model_options: `MLLMClassifier` options for the exported model.
         permuted_shots: also score the model fitted on shot labels shuffled among the
             shots (method `mllm_permuted`): it must lose accuracy if it reads its shots.
     """
 
-    shots: list[int] = field(default_factory=lambda: [8, 32, 128])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    methods: list[str] = field(default_factory=lambda: ["rf", "knn", "xgb", "lr", "majority"])
+    shots: list[int]
+    seeds: list[int]
+    methods: list[str]
     datasets: list[str] = field(default_factory=list)
-    heldout: str | None = "heldout"
-    heldout_tables: int = 4
-    max_test: int | None = 100
+    heldout: str | None = None
+    heldout_tables: int = 0
+    max_test: int | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
     permuted_shots: bool = False
 
@@ -164,75 +151,24 @@ class EvalConfig:
             raise ValueError(f"max_test must be >= 1 or null, got {self.max_test}")
 
 
-def _default_budgets() -> dict[str, float]:
-    # Planned seconds on 2 idle CPU cores; the whole demo must stay under 600.
-    return {"generate": 120.0, "train": 150.0, "export": 20.0, "eval": 180.0, "report": 15.0}
-
-
-def _shards(corpus: str, seed: int, consensus_only: bool = False) -> DataConfig:
-    sampling: dict[str, Any] = {
-        "min_shots": 8,
-        "max_shots": 64,
-        "max_queries": 4,
-        "token_budget": 1024,
-    }
-    if consensus_only:
-        sampling["consensus_only"] = True
-    return DataConfig(
-        kind="shards",
-        shards=[f"data/{corpus}/*.array_record"],
-        seed=seed,
-        pipeline={"sampling": sampling, "seq_len": 1024, "batch_size": 2, "packing_bins": 4},
-    )
-
-
-def _default_train() -> TrainConfig:
-    # A 2-layer Qwen2 with hidden size 64 and Qwen2.5's vocabulary, trained from random
-    # init in full fine-tuning mode (a LoRA on frozen random weights learns little).
-    # Sequences of <= 1024 tokens (>= ~450 each, so <= 2 per packed row) with <= 4
-    # queries of 12 answer tokens + <|im_end|>: <= 100 answer tokens per row.
-    return TrainConfig(
-        run_dir="train",
-        mode="full",
-        model=ModelConfig(
-            preset="tiny",
-            overrides={
-                "vocab_size": QWEN_VOCAB,
-                "tie_word_embeddings": True,
-                "max_position_embeddings": 32768,
-                "bos_token_id": QWEN_PAD,
-                "eos_token_id": QWEN_EOS,
-                "pad_token_id": QWEN_PAD,
-            },
-            compute_dtype="float32",
-        ),
-        stages=[
-            StageConfig("warmup", 1e-2, 40, _shards("warmup", 1, consensus_only=True)),
-            StageConfig("full", 5e-3, 120, _shards("full", 2)),
-        ],
-        validation=ValidationConfig(every=40, batches=2, data=_shards("heldout", 99)),
-        mesh=MeshConfig(data=1, fsdp=1, tensor=1),
-        remat="none",
-        max_answer_tokens=104,
-        checkpoint=CheckpointConfig(every=20, keep=2),
-        logging=LoggingConfig(every=5),
-    )
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     """The whole demo (see the module docstring).
 
     Relative paths in `train` (run_dir, shard patterns) are relative to the demo's output
     directory; the corpora of `generate` are written to `<out>/data/<name>/`.
+
+    Attributes:
+        budgets: planned seconds per stage, printed beside the measured time.
+        compilation_cache: keep compiled XLA programs in `<out>/.jax_cache` (fast reruns).
     """
 
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    train: TrainConfig = field(default_factory=_default_train)
+    generate: GenerateConfig
+    train: TrainConfig
     export: ExportConfig = field(default_factory=ExportConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    budgets: dict[str, float] = field(default_factory=_default_budgets)
-    compilation_cache: bool = True
+    eval: EvalConfig
+    budgets: dict[str, float]
+    compilation_cache: bool
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.budgets) - set(STAGES))
@@ -282,15 +218,18 @@ def _corpus_of(pattern: str) -> str | None:
 def load_demo_config(
     path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
 ) -> DemoConfig:
-    """The demo config from an optional YAML file plus `dotted.key=value` overrides.
+    """The demo config: the packaged `demo.yaml`, an optional YAML file laid over it, then
+    `dotted.key=value` overrides.
 
-    The file is laid over the demo's defaults: mappings merge key by key, any other
-    value (lists included) replaces the default, so a file may hold only what it
+    The file is laid over the packaged settings: mappings merge key by key, any other
+    value (lists included) replaces the packaged one, so a file may hold only what it
     changes. Overrides then apply to the result (`train.stages.1.steps=40` indexes the
-    default list). A key the dataclasses do not know, a value of the wrong type or a
+    packaged list). A key the dataclasses do not know, a value of the wrong type or a
     failed check raises `ConfigError` naming the key (and the file).
     """
-    data = to_dict(DemoConfig())
+    # Built first, then flattened: the full tree (every field, defaults included) is what
+    # a file merges into and what overrides index, as for any other config.
+    data = to_dict(load_config(DemoConfig, demo_config()))
     if path is not None:
         data = _merge(data, load_yaml(path))
     return build_with_overrides(DemoConfig, data, overrides, path)

@@ -13,11 +13,14 @@ from pathlib import Path
 
 from rich.console import Console
 
+from mllm_jax.assets import bundled_datasets
 from mllm_jax.demo.config import EvalConfig
-from mllm_jax.demo.generate import load_corpus_tasks
+from mllm_jax.demo.generate import corpus_dir
 from mllm_jax.encoding.sampling import SamplingConfig
-from mllm_jax.eval.datasets import Dataset, task_table
-from mllm_jax.train.config import TrainConfig
+from mllm_jax.eval import Protocol, resolve_datasets, resolve_methods, run_evaluation
+from mllm_jax.eval.datasets import load_corpus_tables
+from mllm_jax.foundation.tables import Dataset
+from mllm_jax.runs.config import TrainConfig
 
 MODEL_METHOD = "mllm"
 GROUPS = ("real", "synthetic")
@@ -25,20 +28,16 @@ GROUPS = ("real", "synthetic")
 
 def bundled_tables() -> list[str]:
     """The real tables shipped in the package (cmc, eucalyptus, golf_play_dataset_extended)."""
-    from mllm_jax.assets import bundled_datasets
-
     return [str(p) for p in sorted(bundled_datasets().glob("*.csv.gz"))]
 
 
 def eval_tables(out: Path, config: EvalConfig) -> dict[str, list[Dataset]]:
     """The tables of each group ("real", "synthetic")."""
-    from mllm_jax.eval import resolve_datasets
-
     tables = {"real": resolve_datasets(config.datasets or bundled_tables())}
     synthetic: list[Dataset] = []
     if config.heldout is not None and config.heldout_tables:
-        tasks = load_corpus_tasks(out, config.heldout, limit=config.heldout_tables)
-        synthetic = [task_table(t) for t in tasks]
+        directory = corpus_dir(out, config.heldout)
+        synthetic = load_corpus_tables(directory, limit=config.heldout_tables)
     tables["synthetic"] = synthetic
     return tables
 
@@ -61,8 +60,6 @@ def run_eval(
     The model answers as many queries per prompt as it was trained on (`chunk_size`),
     unless `config.model_options` says otherwise.
     """
-    from mllm_jax.eval import Protocol, resolve_methods, run_evaluation
-
     options = dict(config.model_options)
     queries = trained_queries(train)
     if queries is not None:

@@ -1,114 +1,112 @@
-"""The demo's generate stage: prior -> random-forest filter -> task shards, per corpus.
+"""The demo's generate stage: each corpus of the demo config is one `mllm-jax generate` run.
 
-Each corpus (an index range of the prior) is filtered into `<out>/data/<name>/`:
-`tasks-p00000-00000.array_record, ...` (one `encode_task` record per accepted task, in index
-order) and `report.json` (the filter report with the prior settings). The directory is
-assembled under a temporary name and renamed into place when complete, so an interrupted
-run never leaves a corpus that looks finished.
+Corpus `<name>` (an index range of the prior) is written by `mllm_jax.data.generate.generate`
+into `<out>/data/<name>/`, the corpus `mllm-jax generate --filter` writes for the same
+settings: task shards `tasks-p00000-*.array_record` (the accepted tasks, in index order)
+and `manifest-p00000.json` (tasks written, invalid, rejected by reason, the filter report,
+the prior and filter settings with their sha256). A corpus is finished exactly when its
+manifest exists; an interrupted one resumes after its last complete shard on the next run
+(generate's journal). Read a corpus back with `mllm_jax.data.shards.list_corpus_shards` or
+`mllm_jax.eval.datasets.load_corpus_tables`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from mllm_jax.config import to_dict
-from mllm_jax.data.shards import ShardWriter
-from mllm_jax.data.tasks import Task
+from mllm_jax.data.generate import GenerateConfig as CorpusRunConfig
+from mllm_jax.data.generate import GenerateError, generate
+from mllm_jax.data.shards import (
+    list_corpus_shards,
+    manifest_name,
+    read_manifests,
+    remove_process_files,
+)
 from mllm_jax.demo.config import CorpusConfig, GenerateConfig
-from mllm_jax.eval.results_io import write_json
-from mllm_jax.foundation.files import default_mode
 
-REPORT_FILE = "report.json"
+# The demo generates each corpus in one process: its slot among the processes sharing it.
+PROCESS = 0
+
+
+class EmptyCorpusError(GenerateError):
+    """The filter accepted none of a corpus's tasks: training on it would have no data."""
 
 
 def corpus_dir(out: Path, name: str) -> Path:
-    return out / "data" / name
+    """Where the demo run in `out` keeps corpus `name`."""
+    return Path(out) / "data" / name
+
+
+def corpus_settings(corpus: CorpusConfig, config: GenerateConfig) -> CorpusRunConfig:
+    """The `generate` run that writes `corpus`: the demo's prior and filter, the corpus's
+    index range, and consensus row masks where the corpus asks for them (warm-up)."""
+    return CorpusRunConfig(
+        seed=config.seed,
+        start=corpus.start,
+        count=corpus.count,
+        prior=config.prior,
+        filter=dataclasses.replace(config.filter, consensus=corpus.consensus),
+        shard_size=config.tasks_per_shard,
+        batch_size=config.batch_size,
+        process_index=PROCESS,
+        process_count=1,
+        workers=config.workers,
+    )
+
+
+def finished_corpus(out: Path, name: str) -> dict[str, Any] | None:
+    """The manifest of corpus `name` if an earlier run finished it, else None.
+
+    Raises:
+        CorpusError: the manifest is there but unreadable, or a shard it lists is gone.
+    """
+    directory = corpus_dir(out, name)
+    if not (directory / manifest_name(PROCESS)).is_file():
+        return None
+    list_corpus_shards(directory)  # every shard the manifest lists is on disk
+    return read_manifests(directory)[0]
 
 
 def generate_corpus(
-    out: Path, corpus: CorpusConfig, config: GenerateConfig, *, progress: bool = True
+    out: Path,
+    corpus: CorpusConfig,
+    config: GenerateConfig,
+    *,
+    progress: bool = True,
+    batches: Callable[..., Iterable[Any]] | None = None,
 ) -> dict[str, Any]:
-    """Draws, filters and writes one corpus into `<out>/data/<corpus.name>`.
+    """Generates corpus `corpus` into `<out>/data/<corpus.name>/`; returns its manifest.
 
-    Returns the filter report (tasks seen, accepted, rejected by reason, consensus rows,
-    throughput), also written to the corpus directory as `report.json`.
+    An interrupted earlier run of it is resumed (or, its files unusable, started over) by
+    `generate`. `batches` replaces the prior as in `generate` (tests).
+
+    Raises:
+        EmptyCorpusError: the filter accepted none of the corpus's tasks (the manifest is
+            removed again, so the corpus does not look finished).
+        GenerateError: bad settings, or a filter error rate above generate's limit.
     """
-    from mllm_jax.filtering.run import filter_into
-    from mllm_jax.prior import iter_task_batches
-
-    final = corpus_dir(out, corpus.name)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{corpus.name}.tmp-", dir=final.parent))
-    default_mode(staging, directory=True)
-    try:
-        writer = ShardWriter(staging, config.tasks_per_shard)
-        batches = iter_task_batches(
-            config.seed, corpus.start, corpus.count, config.prior, config.batch_size
+    directory = corpus_dir(out, corpus.name)
+    manifest = generate(
+        corpus_settings(corpus, config), directory, progress=progress, batches=batches
+    )
+    if manifest["tasks_written"] == 0:
+        # A manifest marks a finished corpus: a rerun would skip this one and train on
+        # nothing. The same settings draw the same tasks, so the rerun fails here again.
+        remove_process_files(directory, PROCESS)
+        raise EmptyCorpusError(
+            f"corpus {corpus.name!r}: the filter accepted none of its {corpus.count} tasks "
+            f"({manifest['invalid']} invalid, rejected by reason: "
+            f"{manifest['rejected_by_reason']}); draw more tasks (its count) or relax "
+            "generate.filter"
         )
-        try:
-            report = filter_into(
-                batches,
-                writer.add,
-                dataclasses.replace(config.filter, consensus=corpus.consensus),
-                workers=config.workers,
-                total=corpus.count,
-                report_path=staging / REPORT_FILE,
-                progress=progress,
-                settings={
-                    "corpus": to_dict(corpus),
-                    "seed": config.seed,
-                    "prior": to_dict(config.prior),
-                },
-            )
-        finally:
-            writer.close()
-        if writer.count == 0:
-            raise RuntimeError(
-                f"corpus {corpus.name!r}: the filter accepted none of {corpus.count} tasks "
-                f"(rejected by reason: {report.get('rejected_by_reason')}); draw more tasks"
-            )
-        report["shards"] = [p.name for p in writer.paths]
-        write_json(staging / REPORT_FILE, report)
-        if final.exists():  # an earlier complete corpus the caller chose to redo
-            shutil.rmtree(final)
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return report
+    return manifest
 
 
-def remove_partial_corpora(out: Path) -> list[Path]:
-    """Deletes staging directories an interrupted run left under `<out>/data`."""
-    data = out / "data"
-    removed = sorted(data.glob(".*.tmp-*")) if data.is_dir() else []
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
-
-
-def load_corpus_tasks(out: Path, name: str, limit: int | None = None) -> list[Task]:
-    """The first `limit` tasks (all when None) of a written corpus, in index order."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    from mllm_jax.data.tasks import decode_task
-
-    directory = corpus_dir(out, name)
-    shards = sorted(directory.glob("*.array_record"))
-    if not shards:
-        raise FileNotFoundError(f"{directory}: no task shards (run the generate stage first)")
-    tasks: list[Task] = []
-    for shard in shards:
-        reader = ArrayRecordReader(str(shard))
-        try:
-            for record in reader.read_all():
-                tasks.append(decode_task(record))
-                if limit is not None and len(tasks) >= limit:
-                    return tasks
-        finally:
-            reader.close()
-    return tasks
+def acceptance_line(manifest: dict[str, Any]) -> str:
+    """'kept 24/64 tasks (38%)' plus the tasks whose prior attempts all failed, if any."""
+    kept, drawn = manifest["tasks_written"], manifest["count"]
+    invalid = f", {manifest['invalid']} invalid" if manifest["invalid"] else ""
+    return f"kept {kept}/{drawn} tasks ({kept / drawn:.0%}){invalid}"

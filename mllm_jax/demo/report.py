@@ -1,8 +1,8 @@
 """The demo's report: metrics JSON, a markdown summary, the loss curve and accuracy plots.
 
-Everything is read back from the files the stages wrote (stage timings, corpus reports,
-the training metrics log, the harness's results logs), so the report can be rebuilt from
-a finished run directory alone. Files are written atomically.
+Everything is read back from the files the stages wrote (stage timings, the corpora's
+generate manifests, the training metrics log, the harness's results logs), so the report
+can be rebuilt from a finished run directory alone. Files are written atomically.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mllm_jax import __version__
+from mllm_jax.data.shards import read_manifests
 from mllm_jax.demo.evaluate import GROUPS, MODEL_METHOD
+from mllm_jax.demo.generate import corpus_dir
 from mllm_jax.eval.report import dataset_average, seed_means, split_records
-from mllm_jax.eval.results_io import atomic_write_bytes, atomic_write_text, read_log, write_json
+from mllm_jax.eval.results_io import read_log, write_json
+from mllm_jax.foundation.files import atomic_write_bytes, atomic_write_text
 
 REPORT_DIR = "report"
 BASELINE_FLOOR = "majority"
@@ -38,17 +42,27 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def corpus_summary(out: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per corpus: tasks drawn, accepted, acceptance rate, consensus rows kept."""
+    """Per corpus, from its generate manifests: tasks drawn, accepted (written), invalid
+    (every prior attempt failed), rejected by the filter and why, acceptance rate, the
+    share of consensus rows kept (None without consensus masks)."""
     summary = {}
     for name in names:
-        report = json.loads((out / "data" / name / "report.json").read_text())
-        kept, total = report.get("consensus_rows_kept"), report.get("consensus_rows_total")
+        manifests = read_manifests(corpus_dir(out, name))
+        drawn = sum(m["count"] for m in manifests)
+        accepted = sum(m["tasks_written"] for m in manifests)
+        reasons: Counter[str] = Counter()
+        for manifest in manifests:
+            reasons.update(manifest["rejected_by_reason"])
+        kept = sum(m["report"].get("consensus_rows_kept", 0) for m in manifests)
+        rows = sum(m["report"].get("consensus_rows_total", 0) for m in manifests)
         summary[name] = {
-            "tasks": report["tasks_seen"],
-            "accepted": report["accepted"],
-            "acceptance_rate": report["acceptance_rate"],
-            "rejected_by_reason": report.get("rejected_by_reason", {}),
-            "consensus_rows_kept": (kept / total) if kept is not None and total else None,
+            "tasks": drawn,
+            "accepted": accepted,
+            "invalid": sum(m["invalid"] for m in manifests),
+            "rejected": sum(m["rejected"] for m in manifests),
+            "acceptance_rate": accepted / drawn,
+            "rejected_by_reason": dict(sorted(reasons.items())),
+            "consensus_rows_kept": kept / rows if rows else None,
         }
     return summary
 
@@ -290,9 +304,10 @@ def summary_markdown(metrics: Mapping[str, Any]) -> str:
             if c["consensus_rows_kept"] is not None
             else ""
         )
+        invalid = f", {c['invalid']} invalid" if c.get("invalid") else ""
         lines.append(
             f"- `{name}`: {c['accepted']} of {c['tasks']} tasks accepted "
-            f"({c['acceptance_rate']:.0%}){consensus}"
+            f"({c['acceptance_rate']:.0%}){invalid}{consensus}"
         )
     lines += [
         "",

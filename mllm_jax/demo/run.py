@@ -2,16 +2,17 @@
 
     <out>/demo.yaml        the resolved config (a rerun must match it)
     <out>/stages.json      finished stages with wall/CPU seconds, budget, load average
-    <out>/data/<corpus>/   task shards + filter report            (generate)
+    <out>/data/<corpus>/   task shards + manifest, as `mllm-jax generate` writes (generate)
     <out>/train/           the training run: config, checkpoints, metrics.jsonl  (train)
     <out>/model/           the trained model as a Hugging Face checkpoint        (export)
     <out>/eval/<group>/    harness results, summary and plots per table group    (eval)
     <out>/report/          metrics.json, summary.md, loss.png, accuracy.png      (report)
 
-Interrupting (Ctrl-C) leaves nothing half-written: corpora and the export are renamed
-into place when complete, training resumes from its newest checkpoint, the evaluation
-log keeps every finished result, and `stages.json` lists only finished stages. Running
-the same command again continues where it stopped.
+Interrupting (Ctrl-C) leaves nothing half-written: a corpus is finished only once its
+manifest is written (an interrupted one resumes after its last complete shard), the
+export is renamed into place when complete, training resumes from its newest checkpoint,
+the evaluation log keeps every finished result, and `stages.json` lists only finished
+stages. Running the same command again continues where it stopped.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ from typing import Any
 
 from rich.console import Console
 
-from mllm_jax.config import ConfigError, load_config, save_config, to_dict
 from mllm_jax.demo.config import DemoConfig, resolve_paths
+from mllm_jax.demo.evaluate import run_eval
+from mllm_jax.demo.generate import acceptance_line, finished_corpus, generate_corpus
+from mllm_jax.demo.report import update_timings, write_report
 from mllm_jax.demo.stages import StageBook
+from mllm_jax.foundation.config import ConfigError, load_config, save_config, to_dict
+from mllm_jax.model.config import Qwen2Config
 
 CONFIG_FILE = "demo.yaml"
 MODEL_DIR = "model"
@@ -104,8 +109,6 @@ def enable_compilation_cache(directory: Path) -> None:
 
 def model_facts(model_dir: Path) -> dict[str, Any]:
     """Layers, widths and parameter count of an HF checkpoint directory."""
-    from mllm_jax.model.config import Qwen2Config
-
     config = Qwen2Config.from_json_file(model_dir / "config.json")
     return {
         "layers": config.num_hidden_layers,
@@ -131,10 +134,6 @@ def run_demo(
     Raises RunDirectoryError when `out` holds another run, ConfigError for settings the
     stages refuse, and whatever a stage raises (the run directory stays resumable).
     """
-    from mllm_jax.demo.evaluate import run_eval
-    from mllm_jax.demo.generate import generate_corpus, remove_partial_corpora
-    from mllm_jax.demo.report import update_timings, write_report
-
     console = console or Console()
     out = Path(out).absolute()
     prepare_directory(out, config, restart=restart)
@@ -158,25 +157,23 @@ def run_demo(
         return False
 
     if not skip("generate", 1):
-        removed = remove_partial_corpora(out)
-        if removed:
-            console.print(f"removed {len(removed)} partial corpora of an interrupted run")
         corpora = config.generate.corpora
         with book.run("generate", 1, total, "synthetic tasks from the prior, filtered") as d:
             for corpus in corpora:
-                if (out / "data" / corpus.name / "report.json").exists():
-                    console.print(f"corpus {corpus.name}: complete from an earlier run")
+                earlier = finished_corpus(out, corpus.name)
+                if earlier is not None:
+                    console.print(
+                        f"corpus {corpus.name}: complete from an earlier run "
+                        f"({acceptance_line(earlier)})"
+                    )
                     continue
                 console.print(
                     f"corpus [bold]{corpus.name}[/]: tasks {corpus.start}.."
                     f"{corpus.start + corpus.count - 1} of seed {config.generate.seed}"
                     + (" with consensus rows" if corpus.consensus else "")
                 )
-                report = generate_corpus(out, corpus, config.generate, progress=progress)
-                console.print(
-                    f"  kept {report['accepted']}/{report['tasks_seen']} tasks "
-                    f"({report['acceptance_rate']:.0%})"
-                )
+                manifest = generate_corpus(out, corpus, config.generate, progress=progress)
+                console.print(f"  {acceptance_line(manifest)}")
             d["corpora"] = [c.name for c in corpora]
 
     if not skip("train", 2):

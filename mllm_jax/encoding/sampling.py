@@ -15,8 +15,8 @@ from typing import Literal
 
 import numpy as np
 
-from mllm_jax.data.tasks import Task
 from mllm_jax.encoding.prompt import MAX_CLASSES
+from mllm_jax.foundation.tasks import Task
 
 ShotsDistribution = Literal["log_uniform", "uniform"]
 

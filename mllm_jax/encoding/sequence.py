@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mllm_jax.data.tasks import Task
 from mllm_jax.encoding.prompt import SYSTEM_PROMPT, Prompt, answer_segments, user_segments
 from mllm_jax.encoding.sampling import (
     OverBudgetError,
@@ -18,6 +17,7 @@ from mllm_jax.encoding.sampling import (
 from mllm_jax.encoding.segments import Grid
 from mllm_jax.encoding.table import numeric_features
 from mllm_jax.encoding.tokens import EncodedPrompt, PromptTokenizer
+from mllm_jax.foundation.tasks import Task
 
 
 @dataclass(frozen=True)

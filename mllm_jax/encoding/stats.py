@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import pandas as pd
 
 from mllm_jax.encoding.table import encode_table
 from mllm_jax.encoding.tokens import PromptTokenizer
-from mllm_jax.foundation.files import default_mode
+from mllm_jax.foundation.files import atomic_path, atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -103,18 +102,6 @@ def table_token_stats(
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    default_mode(tmp)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_stats(stats: Sequence[TableTokenStats], path: Path, context: int) -> None:
     """Rows per context, ours vs CSV, one pair of bars per dataset (sorted by ratio)."""
     import matplotlib
@@ -142,15 +129,11 @@ def plot_stats(stats: Sequence[TableTokenStats], path: Path, context: int) -> No
     bottom.legend()
     fig.suptitle("Qwen2.5 tokens: compact encoding vs plain CSV, real datasets")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    default_mode(tmp)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=150)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as temporary:
+            fig.savefig(temporary, dpi=150)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def run_stats(
@@ -195,7 +178,9 @@ def run_stats(
         ),
     }
     lines = [json.dumps({**asdict(s), "ratio": round(s.ratio, 3)}) for s in stats]
-    _write_atomic(out / "stats.jsonl", ("\n".join([*lines, json.dumps(summary)]) + "\n").encode())
+    atomic_write_bytes(
+        out / "stats.jsonl", ("\n".join([*lines, json.dumps(summary)]) + "\n").encode()
+    )
     plot_stats(stats, out / "stats.png", context)
 
     table = Table(title=f"Tokens per row and rows per {context:,}-token context")

@@ -9,7 +9,7 @@ Any object with `fit(X, y)`, `predict_proba(X)` and `classes_` is a method (`Cla
 the LLM classifier of `mllm_jax.infer` joins through `resolve_methods(..., model_dir=...)`.
 """
 
-from mllm_jax.eval.datasets import Dataset, DatasetError, load_csv, load_dataset, resolve_datasets
+from mllm_jax.eval.datasets import resolve_datasets
 from mllm_jax.eval.methods import Classifier, MethodFactory, MethodUnavailableError, resolve_methods
 from mllm_jax.eval.metrics import METRICS, compute_metrics
 from mllm_jax.eval.protocol import Episode, Plan, PlanEntry, Protocol, build_plan, reference_shots
@@ -21,6 +21,7 @@ from mllm_jax.eval.run import (
     predict_entry,
     run_evaluation,
 )
+from mllm_jax.foundation.tables import Dataset, DatasetError, load_csv, load_dataset
 
 __all__ = [
     "METRICS",

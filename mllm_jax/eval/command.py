@@ -10,10 +10,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mllm_jax.eval.datasets import DatasetError, resolve_datasets
+from mllm_jax.eval.datasets import resolve_datasets
 from mllm_jax.eval.methods import MethodUnavailableError, resolve_methods
 from mllm_jax.eval.protocol import Protocol, parse_int_list
 from mllm_jax.eval.run import RunDirectoryError, run_evaluation
+from mllm_jax.foundation.tables import DatasetError
 
 USAGE_ERRORS = (
     DatasetError,

@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mllm_jax.eval.report import dataset_average
-from mllm_jax.eval.results_io import atomic_write_bytes
+from mllm_jax.foundation.files import atomic_write_bytes
 
 
 def safe_filename(name: str) -> str:

@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from mllm_jax.eval.datasets import Dataset, show_value
+from mllm_jax.foundation.tables import Dataset, show_value
 
 Sampling = Literal["nested", "reference"]
 

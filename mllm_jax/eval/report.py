@@ -17,7 +17,8 @@ import pandas as pd
 
 from mllm_jax.eval.metrics import METRICS
 from mllm_jax.eval.protocol import Protocol
-from mllm_jax.eval.results_io import atomic_write_text, write_json
+from mllm_jax.eval.results_io import write_json
+from mllm_jax.foundation.files import atomic_write_text
 
 KEY = ["dataset", "seed", "shots", "method"]
 

@@ -35,11 +35,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from mllm_jax.eval.datasets import Dataset
 from mllm_jax.eval.methods import MethodFactory
 from mllm_jax.eval.metrics import check_probabilities, compute_metrics
 from mllm_jax.eval.protocol import Plan, PlanEntry, Protocol, Skipped, build_plan
+from mllm_jax.eval.report import write_reports
 from mllm_jax.eval.results_io import append_record, read_log, repair_log, write_json
+from mllm_jax.foundation.tables import Dataset
 
 RESULTS_LOG = "results.jsonl"
 RUN_FILE = "run.json"
@@ -262,8 +263,6 @@ def run_evaluation(
     jobs > 1 runs entries in that many worker processes (the factories must pickle, as the
     baselines do); results do not depend on `jobs`, only the log's line order does.
     """
-    from mllm_jax.eval.report import write_reports
-
     protocol = protocol or Protocol()
     console = console or Console(stderr=True)
     if jobs > 1:

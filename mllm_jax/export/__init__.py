@@ -4,7 +4,7 @@ from mllm_jax.export import save_merged_hf, save_peft_adapter, load_peft_adapter
 """
 
 from mllm_jax.export.merged import save_merged_hf
-from mllm_jax.export.peft_format import (
+from mllm_jax.model.peft import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     load_peft_adapter,

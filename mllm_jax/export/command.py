@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mllm_jax.config import ConfigError
 from mllm_jax.export.merged import save_merged_hf
-from mllm_jax.export.peft_format import save_peft_adapter
+from mllm_jax.foundation.config import ConfigError
 from mllm_jax.foundation.directories import OutputDirectoryError, check_output_directory
 from mllm_jax.model.config import ConfigError as ModelConfigError
 from mllm_jax.model.hf import CheckpointError, load_hf, save_hf
 from mllm_jax.model.lora import LoRAError, copy_adapters
-from mllm_jax.train.checkpoint import CheckpointMismatchError, CheckpointReadError
+from mllm_jax.model.peft import save_peft_adapter
+from mllm_jax.runs.checkpoint import CheckpointMismatchError, CheckpointReadError
+from mllm_jax.runs.loading import load_trained, prepare_base
 
 
 class ExportUsageError(ValueError):
@@ -79,8 +80,6 @@ def export_run(
     directory that exists without overwrite (FileExistsError) or that cannot be written
     or replaced (OutputDirectoryError) is refused before anything is loaded or written.
     """
-    from mllm_jax.train.loop import load_trained, prepare_base
-
     if merged is None and adapter is None:
         raise ExportUsageError("nothing to export: give a merged and/or an adapter directory")
     if not (Path(run_dir) / "config.yaml").is_file():

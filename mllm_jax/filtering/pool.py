@@ -27,11 +27,11 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from mllm_jax.data.tasks import Task
 from mllm_jax.filtering.config import FilterConfig
 from mllm_jax.filtering.result import FilterResult, Problem, Reason
 from mllm_jax.filtering.task_filter import annotate, apply_filters
 from mllm_jax.foundation.processes import exit_with
+from mllm_jax.foundation.tasks import Task
 
 _THREAD_ENV = (
     "OMP_NUM_THREADS",

@@ -10,12 +10,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from mllm_jax.data.shards import write_json_atomic
-from mllm_jax.data.tasks import Task
 from mllm_jax.filtering.config import FilterConfig
 from mllm_jax.filtering.pool import FilterPool
 from mllm_jax.filtering.report import FilterReport
 from mllm_jax.filtering.result import Reason
+from mllm_jax.foundation.files import atomic_write_json
+from mllm_jax.foundation.tasks import Task
 
 MAX_ERROR_SHARE = 0.01
 """Filter errors (a filter raised) beyond this share of the tasks seen fail the run."""
@@ -124,7 +124,7 @@ def filter_into(
         **(settings or {}),
     )
     if report_path is not None:
-        write_json_atomic(Path(report_path), summary)
+        atomic_write_json(Path(report_path), summary)
     return summary
 
 

@@ -12,13 +12,13 @@ import time
 
 import numpy as np
 
-from mllm_jax.data.tasks import Task
 from mllm_jax.filtering.config import FilterConfig
 from mllm_jax.filtering.consensus import consensus_rows
 from mllm_jax.filtering.forest import make_forest, sub_seed, task_seed, unchecked_sklearn
 from mllm_jax.filtering.inputs import check_consensus_inputs, check_split_inputs
 from mllm_jax.filtering.metrics import ForestMetrics, forest_metrics
 from mllm_jax.filtering.result import FilterResult, Problem, Reason
+from mllm_jax.foundation.tasks import Task
 
 
 def judge(metrics: ForestMetrics, config: FilterConfig) -> Problem | None:

@@ -16,9 +16,9 @@ from mllm_jax.infer.loading import LoadedModel, ModelLoadError, clear_cache, fro
 from mllm_jax.infer.prompts import AnswerFrame, ChunkedPrompt, answer_frame, build_chunked_prompt
 from mllm_jax.infer.runner import (
     ContextLengthError,
-    GeneratedChunk,
+    DecodedChunk,
     RunSettings,
-    generate_prompt,
+    decode_prompt,
     score_prompt,
 )
 from mllm_jax.infer.validation import EmptyColumnWarning
@@ -27,8 +27,8 @@ __all__ = [
     "AnswerFrame",
     "ChunkedPrompt",
     "ContextLengthError",
+    "DecodedChunk",
     "EmptyColumnWarning",
-    "GeneratedChunk",
     "LoadedModel",
     "MLLMClassifier",
     "ModelLoadError",
@@ -38,8 +38,8 @@ __all__ = [
     "answer_frame",
     "build_chunked_prompt",
     "clear_cache",
+    "decode_prompt",
     "from_model",
-    "generate_prompt",
     "load_model",
     "parse_labels",
     "read_answer",

@@ -30,7 +30,7 @@ from sklearn.utils.validation import check_is_fitted
 from mllm_jax.infer.answers import Source, read_answer
 from mllm_jax.infer.loading import LoadedModel, ModelLoadError, load_model
 from mllm_jax.infer.prompts import PROMPT_FORMATS, answer_frame, build_chunked_prompt
-from mllm_jax.infer.runner import RunSettings, generate_prompt, score_prompt
+from mllm_jax.infer.runner import RunSettings, decode_prompt, score_prompt
 from mllm_jax.infer.validation import (
     align_columns,
     as_frame,
@@ -363,7 +363,7 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
 
     def _generate(self, loaded, prompt, n_classes, settings, advance):
         budget = self._max_new_tokens(loaded, max(len(r) for r in prompt.rows))
-        chunks = generate_prompt(loaded, prompt, n_classes, budget, settings, advance)
+        chunks = decode_prompt(loaded, prompt, n_classes, budget, settings, advance)
         texts_of: dict[int, str] = {}
 
         def text(token: int) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,8 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 
-from mllm_jax.eval.datasets import MISSING_MARKERS, DatasetError, load_csv
-from mllm_jax.foundation.files import default_mode
+from mllm_jax.foundation.files import atomic_file
+from mllm_jax.foundation.tables import DatasetError, load_csv, read_csv_frame
 from mllm_jax.infer.classifier import MLLMClassifier
 
 USAGE_ERRORS = (
@@ -36,14 +35,7 @@ USAGE_ERRORS = (
 
 def read_test_csv(path: Path) -> pd.DataFrame:
     """The test table as pandas reads it with the evaluation's missing-value markers."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
-    try:
-        frame = pd.read_csv(path, na_values=list(MISSING_MARKERS), low_memory=False)
-    except pd.errors.EmptyDataError as error:
-        raise DatasetError(f"{path}: empty file, not a CSV table") from error
-    except (UnicodeDecodeError, pd.errors.ParserError, OSError, EOFError) as error:
-        raise DatasetError(f"{path}: not a readable CSV file ({error})") from error
+    frame = read_csv_frame(path)
     if len(frame) == 0:
         raise DatasetError(f"{path}: the table has a header but no rows")
     for name in frame.columns:  # named by file, as the training file's are (load_csv)
@@ -59,17 +51,9 @@ def read_test_csv(path: Path) -> pd.DataFrame:
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """Writes to a temporary file next to `path`, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    default_mode(tmp)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            frame.to_csv(handle, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The frame as a CSV file at `path`, written atomically."""
+    with atomic_file(path, newline="") as handle:
+        frame.to_csv(handle, index=False)
 
 
 def check_output(

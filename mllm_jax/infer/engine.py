@@ -2,7 +2,7 @@
 
 Three jitted functions over a split model (`graphdef` static, `state` traced):
 
-- `prefill_prefix`: the shared prefix, batch 1, `chunk` tokens per model call, left-padded
+- `prefix_cache`: the shared prefix, batch 1, `chunk` tokens per model call, left-padded
   to a whole number of chunks (so prefixes of similar length share one compilation).
 - `score_chunks`: B query parts continue the prefix (read only, never copied: attention
   over it is merged with attention over each row's own cache by log-sum-exp); then the
@@ -11,7 +11,7 @@ Three jitted functions over a split model (`graphdef` static, `state` traced):
   model's own greedy prediction, never the true label) is written into the slot, and the
   fixed tokens up to the next slot follow, in one model call per slot, appended to the
   row's KV cache (nothing recomputed).
-- `generate_chunks`: greedy decoding after the query parts, keeping at every step the
+- `decode_chunks`: greedy decoding after the query parts, keeping at every step the
   log-probabilities of the label tokens (for the probabilities of the JSON mode).
 
 With `prefix=None` the query parts must hold the whole prompt: that is the "re-encode the
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mllm_jax.model import KVCache, Qwen2ForCausalLM
-from mllm_jax.model.generate import prefill
+from mllm_jax.model.decoding import prefill
 
 MAX_LABELS = 10
 """Label tokens are the digits 0..9; fewer classes mask the rest."""
@@ -88,7 +88,7 @@ def _extend(model, ids, positions, segments, cache, prefix, chunk: int):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk"))
-def prefill_prefix(graphdef, state, ids, positions, segments, *, chunk: int) -> KVCache:
+def prefix_cache(graphdef, state, ids, positions, segments, *, chunk: int) -> KVCache:
     """ids, positions, segments: i32[1, S] (S a multiple of chunk, left padding has
     segment 0) -> a batch-1 KVCache of S slots."""
     model = nnx.merge(graphdef, state)
@@ -150,7 +150,7 @@ def score_chunks(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "max_new_tokens"))
-def generate_chunks(
+def decode_chunks(
     graphdef,
     state,
     prefix: KVCache | None,

@@ -31,6 +31,10 @@ from flax import nnx
 
 from mllm_jax.encoding.tokens import ENDOFTEXT, IM_END, PromptTokenizer, load_backend_tokenizer
 from mllm_jax.model import Qwen2Config, Qwen2ForCausalLM, YarnScaling, load_hf
+from mllm_jax.model.lora import LoRAError, lora_layers, merged_copy
+from mllm_jax.model.peft import load_peft_adapter
+from mllm_jax.runs.checkpoint import CheckpointReadError
+from mllm_jax.runs.loading import load_trained, prepare_base
 
 CACHE_SIZE = 1
 """Loaded models kept for reuse (a 7B model in bfloat16 is 15 GB of accelerator memory)."""
@@ -207,9 +211,6 @@ def load_model(
 
 def _with_adapter(model: Qwen2ForCausalLM, adapter_dir: Path) -> Qwen2ForCausalLM:
     """The model with a PEFT LoRA adapter folded into its kernels (no adapter left)."""
-    from mllm_jax.export import load_peft_adapter
-    from mllm_jax.model.lora import LoRAError, merged_copy
-
     try:
         load_peft_adapter(model, adapter_dir)
     except LoRAError as error:
@@ -219,10 +220,6 @@ def _with_adapter(model: Qwen2ForCausalLM, adapter_dir: Path) -> Qwen2ForCausalL
 
 def _load_train_run(directory: Path, step: int | str | None) -> tuple[Qwen2ForCausalLM, Path]:
     """(the trained model with any LoRA merged in, the directory of its base checkpoint)."""
-    from mllm_jax.model.lora import lora_layers, merged_copy
-    from mllm_jax.train.checkpoint import CheckpointReadError
-    from mllm_jax.train.loop import load_trained, prepare_base
-
     try:
         model, config = load_trained(directory, step)
     except CheckpointReadError as error:  # a damaged checkpoint: the user's to fix

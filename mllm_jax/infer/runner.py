@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_jax.infer.engine import MAX_LABELS, generate_chunks, prefill_prefix, score_chunks
+from mllm_jax.infer.engine import MAX_LABELS, decode_chunks, prefix_cache, score_chunks
 from mllm_jax.infer.loading import LoadedModel
 from mllm_jax.infer.prompts import AnswerFrame, ChunkedPrompt, answer_frame
 from mllm_jax.model import KVCache
@@ -54,7 +54,7 @@ class RunSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class GeneratedChunk:
+class DecodedChunk:
     """One chunk's free-generation answer.
 
     tokens: i32[n] generated ids, end-of-sequence token excluded. label_log_probs:
@@ -120,11 +120,11 @@ def query_bucket(longest: int) -> int:
     return max(SHORT_QUERY_MIN, 1 << (max(longest, 1) - 1).bit_length())
 
 
-def prefill(loaded: LoadedModel, prefix: np.ndarray, max_chunk: int) -> KVCache:
+def prompt_prefix_cache(loaded: LoadedModel, prefix: np.ndarray, max_chunk: int) -> KVCache:
     """The prefix in a batch-1 cache, left-padded to whole calls (`plan_calls`)."""
     chunk, width = plan_calls(len(prefix), max_chunk, PREFIX_BUCKET)
     ids, positions, segments = _left_pad([prefix], width, 0, loaded.prompt_tokenizer.pad_id)
-    return prefill_prefix(loaded.graphdef, loaded.state, ids, positions, segments, chunk=chunk)
+    return prefix_cache(loaded.graphdef, loaded.state, ids, positions, segments, chunk=chunk)
 
 
 def _batches(prompt: ChunkedPrompt, batch_size: int) -> list[list[int]]:
@@ -178,7 +178,9 @@ def score_prompt(
     check_context(loaded, len(prompt.prefix) + longest + answer, "the prompt of a chunk")
 
     prefix = (
-        prefill(loaded, prompt.prefix, settings.prefill_chunk) if settings.reuse_prefix else None
+        prompt_prefix_cache(loaded, prompt.prefix, settings.prefill_chunk)
+        if settings.reuse_prefix
+        else None
     )
     label_tokens = _label_tokens(loaded)
     out = np.zeros((prompt.rows[-1].stop, n_classes), np.float32)
@@ -206,15 +208,15 @@ def score_prompt(
     return out
 
 
-def generate_prompt(
+def decode_prompt(
     loaded: LoadedModel,
     prompt: ChunkedPrompt,
     n_classes: int,
     max_new_tokens: int,
     settings: RunSettings = RunSettings(),
     progress: Progress | None = None,
-) -> list[GeneratedChunk]:
-    """Greedy free generation of every chunk's answer (one `GeneratedChunk` per chunk)."""
+) -> list[DecodedChunk]:
+    """Greedy free generation of every chunk's answer (one `DecodedChunk` per chunk)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     longest = max(len(q) for q in prompt.queries) - prompt.answer_head
@@ -222,16 +224,18 @@ def generate_prompt(
         loaded, len(prompt.prefix) + longest + max_new_tokens, "the prompt of a chunk + answer"
     )
     prefix = (
-        prefill(loaded, prompt.prefix, settings.prefill_chunk) if settings.reuse_prefix else None
+        prompt_prefix_cache(loaded, prompt.prefix, settings.prefill_chunk)
+        if settings.reuse_prefix
+        else None
     )
     label_tokens = _label_tokens(loaded)
     tok = loaded.prompt_tokenizer
-    out: list[GeneratedChunk | None] = [None] * len(prompt.queries)
+    out: list[DecodedChunk | None] = [None] * len(prompt.queries)
     for chunks in _batches(prompt, settings.batch_size):
         chunk, (ids, positions, segments) = _queries(
             loaded, prompt, chunks, settings, prefix, drop_tail=prompt.answer_head
         )
-        tokens, lengths, label_lp = generate_chunks(
+        tokens, lengths, label_lp = decode_chunks(
             loaded.graphdef,
             loaded.state,
             prefix,
@@ -250,7 +254,7 @@ def generate_prompt(
             n = int(lengths[b])
             ended = bool(np.isin(tokens[b, n - 1], loaded.eos_ids))
             keep = n - 1 if ended else n
-            out[c] = GeneratedChunk(tokens[b, :keep], label_lp[b, :keep, :n_classes], ended)
+            out[c] = DecodedChunk(tokens[b, :keep], label_lp[b, :keep, :n_classes], ended)
             if progress is not None:
                 progress(len(prompt.rows[c]))
     return [chunk for chunk in out if chunk is not None]

@@ -5,7 +5,7 @@ from mllm_jax.model import load_hf, save_hf, Qwen2Config, Qwen2ForCausalLM
 
 from mllm_jax.model.cache import KVCache
 from mllm_jax.model.config import PRESET_NAMES, ConfigError, Qwen2Config, YarnScaling, preset
-from mllm_jax.model.generate import GenerationResult, generate_greedy, prefill
+from mllm_jax.model.decoding import DecodingResult, decode_greedy, prefill
 from mllm_jax.model.hf import CheckpointError, load_hf, save_hf
 from mllm_jax.model.prefix import prefill_prefix, score_with_prefix
 from mllm_jax.model.qwen2 import Qwen2ForCausalLM, init_model
@@ -14,12 +14,12 @@ __all__ = [
     "PRESET_NAMES",
     "CheckpointError",
     "ConfigError",
-    "GenerationResult",
+    "DecodingResult",
     "KVCache",
     "Qwen2Config",
     "Qwen2ForCausalLM",
     "YarnScaling",
-    "generate_greedy",
+    "decode_greedy",
     "init_model",
     "load_hf",
     "prefill",

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mllm_jax.model.config import Qwen2Config
+from mllm_jax.model.sharding import ShardingRules, logical_to_spec
 
 # Logical axis names of the per-layer key / value buffers.
 CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
@@ -53,8 +54,6 @@ class KVCache:
         out_shardings): keys/values by the logical axes `CACHE_AXES`, positions and
         segment ids by (batch, cache_seq), length replicated. rules default to
         `ShardingRules.default()`."""
-        from mllm_jax.train.mesh import ShardingRules, logical_to_spec
-
         rules = rules or ShardingRules.default()
 
         def named(axes: tuple[str, ...], shape: tuple[int, ...]) -> jax.sharding.NamedSharding:

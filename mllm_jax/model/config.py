@@ -14,9 +14,16 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from mllm_jax.model.remat import REMAT_NAMES
-
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
+# Per-layer remat policy names; `mllm_jax.model.qwen2` says what each keeps and implements
+# them (`REMAT_POLICIES`, `remat_layer`). Listed here so validating a config needs no model.
+REMAT_NAMES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "nothing_saveable",
+)
 
 
 class ConfigError(ValueError):
@@ -66,7 +73,7 @@ class Qwen2Config:
     `attention_backend` ("xla" | "cudnn" | "splash"), `attention_query_chunk` (queries
     per block in the dense backends, so long prompts never build a full [T, S] score
     matrix), `remat` (per-layer rematerialisation in the backward pass: a policy name of
-    `mllm_jax.model.remat`, or True / False for "full" / "none").
+    `REMAT_NAMES`, see `mllm_jax.model.qwen2`, or True / False for "full" / "none").
     """
 
     vocab_size: int

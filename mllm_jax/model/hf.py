@@ -29,9 +29,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from mllm_jax.foundation.directories import atomic_directory, check_output_directory
+from mllm_jax.foundation.distributed import barrier
 from mllm_jax.model.config import Qwen2Config
-from mllm_jax.model.layers import AXIS_UNITS, LOGICAL_AXES
 from mllm_jax.model.qwen2 import Qwen2ForCausalLM
+from mllm_jax.model.sharding import AXIS_UNITS, LOGICAL_AXES, ShardingRules, logical_to_spec
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,6 @@ class _SliceReader:
 def _target_sharding(var: nnx.Variable, mesh, rules, notes: list[str]) -> jax.sharding.Sharding:
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    from mllm_jax.train.mesh import logical_to_spec
-
     spec = logical_to_spec(
         var.get_metadata(LOGICAL_AXES),
         var.shape,
@@ -194,7 +193,7 @@ def load_hf(
     """Reads an HF Qwen2 directory (config.json + model.safetensors or a sharded index).
 
     dtype: parameter storage dtype (default: the checkpoint's). mesh/rules: place each
-    parameter by its logical axes (`mllm_jax.train.mesh.ShardingRules`, default rules if
+    parameter by its logical axes (`mllm_jax.model.sharding.ShardingRules`, default rules if
     None); without a mesh everything goes to the first device. `runtime`: other runtime
     config fields (compute_dtype, attention_backend, attention_query_chunk, remat).
     Raises CheckpointError / ConfigError naming the file and tensor on bad input.
@@ -209,8 +208,6 @@ def load_hf(
     graphdef, state = nnx.split(abstract)
     targets = dict(_flat_params(abstract))
     if mesh is not None and rules is None:
-        from mllm_jax.train.mesh import ShardingRules
-
         rules = ShardingRules.default()
 
     files = _tensor_files(directory)
@@ -362,8 +359,6 @@ def save_hf(
                 json.dumps(_generation_config(config), indent=2) + "\n"
             )
     if collective:
-        from mllm_jax.train.distributed import barrier
-
         barrier(f"save_hf {target}")
     return target
 

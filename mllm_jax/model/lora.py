@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mllm_jax.model.layers import AXIS_UNITS, LOGICAL_AXES
-from mllm_jax.model.linear import Linear
+from mllm_jax.model.qwen2 import Linear
+from mllm_jax.model.sharding import AXIS_UNITS, LOGICAL_AXES, ShardingRules, logical_to_spec
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Logical name of the rank dim of A and B; the default sharding rules replicate it.
@@ -288,7 +288,7 @@ def apply_lora(
     key: PRNG key (or int seed) for the A init and the dropout streams; adapter i (in
     path order) draws A from fold_in(init key, i), its dropout stream starts from a key
     folded with a hash of its path.
-    mesh/rules: place A and B straight into their shardings (`mllm_jax.train.mesh`);
+    mesh/rules: place A and B straight into their shardings (`mllm_jax.model.sharding`);
     without a mesh they are left on the default device.
     Returns the dotted paths of the adapted linears. Raises LoRAError if a pattern
     matches nothing or a selected linear already has an adapter.
@@ -303,8 +303,6 @@ def apply_lora(
     shapes = [(linears[p].in_features, linears[p].out_features) for p in paths]
     shardings = None
     if mesh is not None:
-        from mllm_jax.train.mesh import ShardingRules, logical_to_spec
-
         rules = rules or ShardingRules.default()
 
         def sharding(axes, units, shape):

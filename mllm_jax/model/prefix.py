@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mllm_jax.model.cache import KVCache
-from mllm_jax.model.generate import prefill
+from mllm_jax.model.decoding import prefill
 from mllm_jax.model.qwen2 import Qwen2ForCausalLM, positions_from_segments
 
 

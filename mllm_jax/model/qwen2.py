@@ -1,5 +1,15 @@
 """Qwen2 / Qwen2.5 causal LM in Flax NNX, numerically the model of transformers'
-`Qwen2ForCausalLM`.
+`Qwen2ForCausalLM`: the whole forward pass, read top to bottom.
+
+  parameters      `param()`: an nnx.Param tagged with logical axis names per dim
+  building blocks `RMSNorm`, `Embedding` (and the tied LM head), `Linear` (every projection)
+  rotary          RoPE frequencies (plain and YaRN) and the rotation
+  remat           per-layer rematerialisation policies by name
+  the network     `Attention`, `MLP`, `DecoderLayer`, `Qwen2ForCausalLM`, `init_model`
+
+Kept apart: the attention kernels (`mllm_jax.model.attention`), the KV cache
+(`mllm_jax.model.cache`), the sharding rules (`mllm_jax.model.sharding`) and the config
+(`mllm_jax.model.config`).
 
 Attribute names mirror the HF module tree (`embed_tokens`, `layers[i].self_attn.q_proj`,
 `layers[i].mlp.gate_proj`, `input_layernorm`, `post_attention_layernorm`, `norm`,
@@ -13,19 +23,290 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mllm_jax.model.attention import attend, merge_attention
 from mllm_jax.model.cache import KVCache, write_layer
-from mllm_jax.model.config import Qwen2Config
-from mllm_jax.model.layers import Embedding, RMSNorm
-from mllm_jax.model.linear import Linear
-from mllm_jax.model.remat import remat_layer
-from mllm_jax.model.rope import apply_rope, rope_frequencies, rope_tables
-from mllm_jax.model.sharding import ActivationSharding, constrain
+from mllm_jax.model.config import REMAT_NAMES, Qwen2Config, YarnScaling
+from mllm_jax.model.sharding import (
+    AXIS_UNITS,
+    LOGICAL_AXES,
+    ActivationSharding,
+    ShardingRules,
+    constrain,
+    state_shardings,
+)
+
+# ---------------------------------------------------------------------------------------
+# Parameters and building blocks
+#
+# Every parameter carries flax variable metadata `logical_axes` (one name or None per
+# dim, e.g. ("vocab", "embed")) and `axis_units` (a dim is only ever sharded in whole
+# units, e.g. whole heads). `mllm_jax.model.sharding` maps the names onto a mesh. These
+# layers take at most an optional `ActivationSharding`.
+# ---------------------------------------------------------------------------------------
+
+
+def param(
+    value: jax.Array, axes: tuple[str | None, ...], units: tuple[int, ...] | None = None
+) -> nnx.Param:
+    """An nnx.Param tagged with logical axis names (and sharding units) per dim."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"{len(axes)} logical axes {axes} for a {value.ndim}-d parameter")
+    units = tuple(units) if units is not None else (1,) * value.ndim
+    return nnx.Param(value, **{LOGICAL_AXES: tuple(axes), AXIS_UNITS: units})
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale, statistics in float32.
+
+    scale: param_dtype[dim] (torch's `weight`). As transformers, the normalised value is
+    cast back to the input dtype before the scale multiplies it.
+    """
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype = jnp.float32):
+        self.eps = eps
+        self.scale = param(jnp.ones((dim,), param_dtype), ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., dim] -> same shape and dtype."""
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    """Token embedding table: embedding: param_dtype[vocab, embed] (torch's `weight`)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        *,
+        param_dtype: jnp.dtype = jnp.float32,
+        compute_dtype: jnp.dtype = jnp.float32,
+        init_std: float = 0.02,
+        rngs: nnx.Rngs,
+    ):
+        self.compute_dtype = compute_dtype
+        init = nnx.initializers.normal(init_std)
+        self.embedding = param(
+            init(rngs.params(), (vocab_size, dim), param_dtype), ("vocab", "embed")
+        )
+
+    def __call__(self, ids: jax.Array, sharding: ActivationSharding | None = None) -> jax.Array:
+        """ids: i32[batch, seq] -> [batch, seq, embed] in the compute dtype.
+
+        With a `sharding`, the table's embed dim is gathered first (as FSDP does for every
+        weight) so the rows come out sharded like the ids (batch), not over embed.
+        """
+        table = constrain(self.embedding[...], sharding, ("vocab", None))
+        return jnp.take(table, ids, axis=0).astype(self.compute_dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied LM head: x: [..., embed] -> f32[..., vocab] = x @ embedding^T."""
+        table = self.embedding[...].astype(self.compute_dtype)
+        return jnp.einsum(
+            "...e,ve->...v", x.astype(self.compute_dtype), table, preferred_element_type=jnp.float32
+        )
+
+
+# Every projection of the network (q/k/v/o, gate/up/down, an untied LM head) is a `Linear`
+# and goes through `Linear.__call__`, so an adapter (LoRA) can be attached here alone.
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias.
+
+    kernel: param_dtype[in_features, out_features] (transposed w.r.t. torch's weight),
+    bias: param_dtype[out_features] or None. `axes` are the logical axis names of the
+    kernel dims; `units` the granularity at which a dim may be sharded (e.g. head_dim
+    for a dim that concatenates heads, so heads are never split).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str | None, str | None],
+        units: tuple[int, int] = (1, 1),
+        use_bias: bool = False,
+        param_dtype: jnp.dtype = jnp.float32,
+        compute_dtype: jnp.dtype = jnp.float32,
+        init_std: float = 0.02,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        init = nnx.initializers.normal(init_std)
+        self.kernel = param(
+            init(rngs.params(), (in_features, out_features), param_dtype), axes, units
+        )
+        self.bias = (
+            param(jnp.zeros((out_features,), param_dtype), (axes[1],), (units[1],))
+            if use_bias
+            else None
+        )
+        # Slot for a LoRA adapter (`mllm_jax.model.lora.apply_lora`); declared as data so
+        # a module can be attached later.
+        self.lora = nnx.data(None)
+
+    def __call__(self, x: jax.Array, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
+        """x: [..., in_features] -> [..., out_features] in out_dtype (default compute dtype).
+
+        The matmul takes inputs in the compute dtype and accumulates in float32.
+        """
+        dtype = self.compute_dtype
+        lead = x.shape[:-1]
+        # One [N, in] x [in, out] matmul (a free reshape): with [batch, seq, in] inputs
+        # the weight gradient contracts two dims, and XLA:CPU then materialises the
+        # upstream gradient transposed (about 8x slower LoRA backward of an MLP).
+        x = x.reshape(-1, x.shape[-1])
+        y = jnp.matmul(
+            x.astype(dtype),
+            self.kernel[...].astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        if self.lora is not None:
+            y = self.lora(x, y)
+        return y.astype(out_dtype or dtype).reshape(*lead, y.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------
+# Rotary position embeddings (RoPE), plain or YaRN-scaled, as transformers computes them
+# for Qwen2 (`modeling_rope_utils._compute_yarn_parameters`).
+#
+# Frequencies are computed once on the host in float32; the rotation runs in float32 and
+# is cast back to the input dtype.
+# ---------------------------------------------------------------------------------------
+
+
+def _yarn_attention_factor(scaling: YarnScaling) -> float:
+    if scaling.attention_factor is not None:
+        return float(scaling.attention_factor)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if scaling.mscale and scaling.mscale_all_dim:
+        return mscale(scaling.factor, scaling.mscale) / mscale(
+            scaling.factor, scaling.mscale_all_dim
+        )
+    return mscale(scaling.factor)
+
+
+def _yarn_inverse_frequencies(dim: int, base: float, scaling: YarnScaling) -> np.ndarray:
+    def correction_dim(rotations: float) -> float:
+        orig = scaling.original_max_position_embeddings
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoid a zero-width ramp
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    extrapolation = np.float32(1.0) / pos_freqs
+    interpolation = np.float32(1.0) / (np.float32(scaling.factor) * pos_freqs)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation_weight = (1 - ramp).astype(np.float32)
+    return (
+        interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+    ).astype(np.float32)
+
+
+def rope_frequencies(config: Qwen2Config) -> tuple[np.ndarray, float]:
+    """(inverse frequencies f32[head_dim // 2], attention factor that scales cos and sin)."""
+    dim, base = config.head_dim, config.rope_theta
+    if config.rope_scaling is None:
+        inv = np.float32(1.0) / (
+            np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+        )
+        return inv.astype(np.float32), 1.0
+    scaling = config.rope_scaling
+    return _yarn_inverse_frequencies(dim, base, scaling), _yarn_attention_factor(scaling)
+
+
+def rope_tables(
+    positions: jax.Array, inv_freq: np.ndarray, attention_factor: float
+) -> tuple[jax.Array, jax.Array]:
+    """cos, sin: f32[batch, seq, head_dim // 2] for positions: i32[batch, seq]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x: [batch, seq, heads, head_dim] by the tables cos/sin: f32[batch, seq, head_dim//2].
+
+    Half-split convention (transformers' `rotate_half`), not interleaved pairs.
+    """
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Rematerialisation policies of the decoder layers, by name.
+#
+# A policy decides which values computed inside a layer's forward pass are kept for the
+# backward pass; everything else is recomputed there. Names (`REMAT_NAMES` of
+# `mllm_jax.model.config`: the `remat` of `Qwen2Config`, of a model call and of the train
+# config):
+#
+#   "none"                              keep every activation (no remat region)
+#   "full"                              keep only each layer's inputs; recompute the rest
+#   "dots_saveable"                     keep every matmul output, recompute the elementwise
+#                                       work (norms, RoPE, SiLU, softmax)
+#   "dots_with_no_batch_dims_saveable"  keep the projections' outputs (dots without batch
+#                                       dims), recompute attention's batched score / PV dots
+#   "nothing_saveable"                  same memory as "full" (kept for symmetry with jax)
+#
+# `True` / `False` mean "full" / "none" (the older boolean flag).
+# ---------------------------------------------------------------------------------------
+
+
+# One policy per name of `REMAT_NAMES` except "none" (no remat region); None: nnx.remat's
+# default (keep nothing); tests/model/test_model_remat.py checks the two lists agree.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_name(value: bool | str) -> str:
+    """The policy name of a `remat` setting (True -> "full", False -> "none")."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in REMAT_NAMES:
+        raise ValueError(f"remat {value!r} is not one of {REMAT_NAMES} (or True / False)")
+    return value
+
+
+def remat_layer(fn: Callable, value: bool | str) -> Callable:
+    """`fn` (a layer call) wrapped in `nnx.remat` with the named policy, or `fn` itself
+    for "none"."""
+    name = remat_name(value)
+    if name == "none":
+        return fn
+    return nnx.remat(fn, policy=REMAT_POLICIES[name])
+
+
+# ---------------------------------------------------------------------------------------
+# The network
+# ---------------------------------------------------------------------------------------
 
 
 @jax.tree_util.register_dataclass
@@ -254,7 +535,7 @@ class Qwen2ForCausalLM(nnx.Module):
         within their segment; default all 1. cache: KVCache to append to (returns
         (out, new cache)). prefix: a read-only KVCache (batch 1 or B) that every row also
         attends to, without being copied (see `mllm_jax.model.prefix`).
-        remat: per-layer rematerialisation policy name (`mllm_jax.model.remat`: "none",
+        remat: per-layer rematerialisation policy name (`REMAT_POLICIES` above: "none",
         "full", "dots_saveable", ...; True / False = "full" / "none"); default
         `config.remat`. activation_sharding: pins activations to a mesh layout
         (`mllm_jax.model.sharding`; default: unconstrained).
@@ -356,7 +637,7 @@ def init_model(
     rules=None,
 ) -> Qwen2ForCausalLM:
     """A randomly initialised model, drawn in one jitted call (optionally straight into
-    the shardings of `mesh` / `rules`, see `mllm_jax.train.mesh`).
+    the shardings of `mesh` / `rules`, see `mllm_jax.model.sharding`).
 
     Same distributions as the module constructors and transformers' Qwen2 init (kernels
     and embeddings normal(0, initializer_range), zero biases, unit norm scales), but all
@@ -372,8 +653,6 @@ def init_model(
     )
     out_shardings = None
     if mesh is not None:
-        from mllm_jax.train.mesh import ShardingRules, state_shardings
-
         shardings = state_shardings(state, mesh, rules or ShardingRules.default())
         out_shardings = tuple(var.get_value() for _, var in nnx.to_flat_state(shardings))
     draw = _param_drawer(layout, config.initializer_range, out_shardings)

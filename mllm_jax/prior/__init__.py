@@ -2,7 +2,7 @@
 
 from mllm_jax.prior import PriorConfig, sample_tasks
 batch = sample_tasks(seed=0, start=0, count=256, config=PriorConfig())
-tasks = batch.to_tasks()  # mllm_jax.data.tasks.Task objects
+tasks = batch.to_tasks()  # mllm_jax.foundation.tasks.Task objects
 """
 
 from mllm_jax.prior.batch import TaskBatch

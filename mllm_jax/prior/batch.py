@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mllm_jax.data.tasks import Task
+from mllm_jax.foundation.tasks import Task
 
 FAMILY_NAMES = ("mlp", "tree")
 

@@ -1,22 +1,23 @@
 """`mllm-jax train`: load the run config (YAML + --set overrides), train or resume, report;
-`mllm-jax runs show`: a run directory's state as text (`mllm_jax.train.inspect`)."""
+`mllm-jax runs show`: a run directory's state as text (`mllm_jax.runs.inspect`)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from mllm_jax.config import ConfigError, load_config
 from mllm_jax.data.shards import CorpusError
 from mllm_jax.encoding.tokens import TokenizerFileError
+from mllm_jax.foundation.config import ConfigError, load_config
+from mllm_jax.foundation.mesh import MeshError
 from mllm_jax.model.config import ConfigError as ModelConfigError
 from mllm_jax.model.hf import CheckpointError
 from mllm_jax.model.lora import LoRAError
+from mllm_jax.runs.checkpoint import CheckpointMismatchError, CheckpointReadError
+from mllm_jax.runs.config import TrainConfig
+from mllm_jax.runs.inspect import RunInfo, RunInspectError, StageInfo
 from mllm_jax.train.batches import BatchError, DataExhaustedError
-from mllm_jax.train.checkpoint import CheckpointMismatchError, CheckpointReadError
-from mllm_jax.train.config import TrainConfig
-from mllm_jax.train.inspect import RunInfo, RunInspectError, StageInfo
-from mllm_jax.train.mesh import MeshError
+from mllm_jax.train.loop import train
 
 # Errors that are the user's input, reported as one line (exit status 2).
 USAGE_ERRORS = (
@@ -37,8 +38,6 @@ USAGE_ERRORS = (
 
 def train_command(config_path: Path, overrides: list[str], stop_at: int | None) -> str:
     """Runs `mllm-jax train`; returns the summary line it prints."""
-    from mllm_jax.train.loop import train
-
     config = load_config(TrainConfig, config_path, overrides)
     result = train(config, stop_at=stop_at)
     last = next((h for h in reversed(result.history) if h.get("event") == "train"), None)

@@ -30,10 +30,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from mllm_jax.config import ConfigError, from_dict
+from mllm_jax.data.pipeline import PipelineConfig, build_pipeline
+from mllm_jax.data.shards import CorpusError, check_disjoint, list_corpus_shards
+from mllm_jax.foundation.config import ConfigError, from_dict
+from mllm_jax.runs.checkpoint import CheckpointMismatchError
+from mllm_jax.runs.config import DataConfig
 from mllm_jax.train.batches import BatchError, batch_sharding
-from mllm_jax.train.checkpoint import CheckpointMismatchError
-from mllm_jax.train.config import DataConfig
 from mllm_jax.train.synthetic import SyntheticBatches
 
 Batches = Iterator[Mapping[str, Any]]
@@ -49,8 +51,6 @@ def expand_shards(patterns: list[str], where: str) -> list[str]:
     """Shard paths from corpus directories, paths and glob patterns, in the given order
     (each glob sorted). A directory is a corpus `mllm-jax generate` wrote: its shards come
     from the manifests, and a corpus some process has not finished is refused."""
-    from mllm_jax.data.shards import CorpusError, list_corpus_shards
-
     paths: list[str] = []
     for pattern in patterns:
         if Path(pattern).is_dir():
@@ -73,8 +73,6 @@ def check_task_overlap(config: Any) -> None:
 
     Raises CorpusOverlapError naming the corpora and the shared index range.
     """
-    from mllm_jax.data.shards import check_disjoint
-
     groups: dict[str, list[str]] = {}
     for stage in config.stages:
         if stage.data.kind == "shards":
@@ -140,8 +138,6 @@ def default_data(data: DataConfig, purpose: str) -> Batches:
     if data.kind == "synthetic":
         rows = process_block(data.synthetic.batch_size, f"{purpose} data (synthetic)")
         return ProcessRows(SyntheticBatches(data.synthetic, data.seed), rows)
-    from mllm_jax.data.pipeline import PipelineConfig, build_pipeline
-
     try:
         pipeline = from_dict(PipelineConfig, data.pipeline, where="pipeline")
     except ConfigError as err:

@@ -18,7 +18,8 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from mllm_jax.train.config import DataConfig, StageConfig, TrainConfig
+from mllm_jax.runs.config import DataConfig, StageConfig, TrainConfig
+from mllm_jax.train.data import expand_shards
 
 SAMPLE_BATCHES = 8
 """Batches measured for the tasks per packed row."""
@@ -56,8 +57,6 @@ def resolve_steps(
     each conversion is reported in one line."""
     if all(stage.epochs is None for stage in config.stages):
         return config
-    from mllm_jax.train.data import expand_shards
-
     stages = []
     for stage in config.stages:
         if stage.epochs is None:

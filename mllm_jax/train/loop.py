@@ -1,21 +1,15 @@
 """The training run: base model -> curriculum stages -> checkpoints, metrics, validation.
 
     train(config)           runs (or resumes) `config.run_dir`
-    load_trained(run_dir)   the model with the trained parameters of a run (for export)
 
-Run directory:
-
-    config.yaml       the resolved config
-    base/, base.json  the random-init base as an HF checkpoint (when model.base is None)
-    checkpoints/      orbax steps (newest `checkpoint.keep`), see `checkpoint`
-    best/             the best validation step's trainable parameters
-    metrics.jsonl     one JSON object per logged step / validation
+The run directory's layout is `mllm_jax.runs.layout`'s; building the model and loading a
+trained run are `mllm_jax.runs.loading`'s.
 
 Resuming re-reads the base, restores the trainable parameters, optimizer state, step and
 data-iterator position of the newest checkpoint and continues; on the same backend,
 mesh and jax version the result is bitwise the run that was never interrupted.
 
-Multi-host (`mllm_jax.train.distributed`): every process runs `train` with the same
+Multi-host (`mllm_jax.foundation.distributed`): every process runs `train` with the same
 config; each feeds its own rows of the global batch (`mllm_jax.train.data`), orbax saves
 and restores collectively, process 0 alone writes config.yaml, metrics and the random
 base. Decisions that must agree (resume or not, the base identity) are taken once and
@@ -25,7 +19,6 @@ shared.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -34,16 +27,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from rich.console import Console
 
-from mllm_jax.config import ConfigError, load_config, save_config, to_dict
 from mllm_jax.encoding.tokens import QWEN2_DIGIT_IDS
-from mllm_jax.model import Qwen2ForCausalLM, init_model, load_hf, preset, save_hf
+from mllm_jax.foundation import distributed
+from mllm_jax.foundation.config import ConfigError, save_config
+from mllm_jax.foundation.mesh import make_mesh
 from mllm_jax.model.config import Qwen2Config
-from mllm_jax.train import distributed, flops
-from mllm_jax.train.batches import BatchError, next_batches, to_device
-from mllm_jax.train.checkpoint import (
+from mllm_jax.model.sharding import ShardingRules
+from mllm_jax.runs.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
     CheckpointReadError,
@@ -53,7 +45,18 @@ from mllm_jax.train.checkpoint import (
     failure_line,
     silence_closed_loop_callbacks,
 )
-from mllm_jax.train.config import StageConfig, TrainConfig, resume_fingerprint
+from mllm_jax.runs.config import StageConfig, TrainConfig, resume_fingerprint
+from mllm_jax.runs.layout import CONFIG_FILE, METRICS_FILE, best_dir, checkpoints_dir, make_run_dir
+from mllm_jax.runs.loading import build_model, prepare_base
+from mllm_jax.runs.state import (
+    SplitModel,
+    count_params,
+    init_optimizer,
+    optimizer_shardings,
+    split_model,
+)
+from mllm_jax.train import flops
+from mllm_jax.train.batches import BatchError, next_batches, to_device
 from mllm_jax.train.data import (
     DataFactory,
     check_process_rows,
@@ -65,22 +68,11 @@ from mllm_jax.train.data import (
 from mllm_jax.train.epochs import resolve_steps
 from mllm_jax.train.interrupt import StopOnInterrupt
 from mllm_jax.train.label_metrics import label_metrics, label_slots, shot_metrics, shot_slots
-from mllm_jax.train.mesh import ShardingRules, make_mesh
 from mllm_jax.train.metrics import MetricsLog, is_main_process, progress_bar
 from mllm_jax.train.optim import learning_rate, make_optimizer
-from mllm_jax.train.state import (
-    SplitModel,
-    count_params,
-    init_optimizer,
-    optimizer_shardings,
-    split_model,
-)
 from mllm_jax.train.step import ShotLabels, make_eval_step, make_train_step, sums_metrics
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclasses.dataclass
@@ -103,114 +95,8 @@ class TrainResult:
 
 def _mesh_and_rules(config: TrainConfig) -> tuple[jax.sharding.Mesh, ShardingRules]:
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    rules = ShardingRules.default().replace(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in config.rules.items()}
-    )
+    rules = config.sharding_rules()
     return mesh, rules
-
-
-def _random_base_config(config: TrainConfig) -> Qwen2Config:
-    m = config.model
-    return preset(m.preset, **{**m.overrides, "param_dtype": m.master_dtype})
-
-
-def prepare_base(config: TrainConfig, run_dir: Path) -> Path:
-    """The base checkpoint directory: `model.base`, or a random-init model of the preset
-    saved once into `<run_dir>/base` (refusing one made from other settings).
-
-    Multi-host: process 0 alone makes the random base; the others must then see it
-    (run_dir on a shared filesystem), else FileNotFoundError. Collective."""
-    if config.model.base is not None:
-        base = Path(config.model.base)
-        if not (base / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model.base {base}: no HF checkpoint (config.json) there"
-                + (f" on process {jax.process_index()}" if jax.process_count() > 1 else "")
-            )
-        return base
-    base = run_dir / "base"
-    problem = distributed.broadcast_json(
-        _make_random_base(config, run_dir) if distributed.is_main() else None, "random base"
-    )
-    if problem is not None:
-        raise CheckpointMismatchError(problem)
-    if not (base / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{base}: process {jax.process_index()} cannot see the random-init base that "
-            "process 0 wrote; in a multi-host run, run_dir must be on a filesystem all "
-            "hosts share (or set model.base to a checkpoint present on every host)"
-        )
-    return base
-
-
-def _make_random_base(config: TrainConfig, run_dir: Path) -> str | None:
-    """Writes the random-init base unless the run already has it; the reason it cannot
-    be used, or None."""
-    base, record = run_dir / "base", run_dir / "base.json"
-    wanted = {
-        "preset": config.model.preset,
-        "overrides": to_dict(config.model.overrides),
-        "init_seed": config.model.init_seed,
-        "dtype": config.model.master_dtype,
-    }
-    if record.exists():
-        made = json.loads(record.read_text())
-        if made != wanted:
-            return (
-                f"{base} is a random-init base made from {made}, this config asks for "
-                f"{wanted}; use another run_dir"
-            )
-        return None
-    model = init_model(_random_base_config(config), config.model.init_seed)
-    save_hf(model, base, overwrite=True)
-    record.write_text(json.dumps(wanted, indent=2) + "\n")
-    return None
-
-
-def build_model(
-    config: TrainConfig,
-    base: Path,
-    mesh: jax.sharding.Mesh | None,
-    rules: ShardingRules | None,
-) -> Qwen2ForCausalLM:
-    """The base model, in its training dtype, with adapters in LoRA mode."""
-    m = config.model
-    dtype = m.frozen_dtype if config.mode == "lora" else m.master_dtype
-    model = load_hf(
-        base,
-        dtype,
-        mesh=mesh,
-        rules=rules,
-        compute_dtype=m.compute_dtype,
-        attention_backend=m.attention_backend,
-        attention_query_chunk=m.attention_query_chunk,
-    )
-    if config.mode == "lora" and m.adapter is not None:
-        _load_adapter(model, config, mesh, rules)
-    elif config.mode == "lora":
-        from mllm_jax.model.lora import apply_lora
-
-        apply_lora(model, config.lora, jax.random.key(config.seed), mesh=mesh, rules=rules)
-    return model
-
-
-def _load_adapter(model, config: TrainConfig, mesh, rules) -> None:
-    """Attaches the PEFT adapter `model.adapter`, refusing one whose rank, alpha or
-    dropout differ from the config's `lora` (the run would not train what it says)."""
-    from mllm_jax.export.peft_format import load_peft_adapter, read_adapter_config
-    from mllm_jax.model.lora import LoRAError
-
-    path = Path(config.model.adapter)
-    saved = read_adapter_config(path)
-    lora = config.lora
-    wanted = {"r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout}
-    for key, value in wanted.items():
-        if float(saved.get(key, 0.0)) != float(value):
-            raise LoRAError(
-                f"{path}: adapter {key}={saved.get(key)!r} but the config's lora asks for "
-                f"{value!r}; set lora to the adapter's settings"
-            )
-    load_peft_adapter(model, path, key=jax.random.key(config.seed), mesh=mesh, rules=rules)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -389,15 +275,13 @@ class _Run:
         self.base = prepare_base(config, self.run_dir)
         self.base_sha256 = base_identity(self.base)
         self.fingerprint = resume_fingerprint(config)
-        self.ckpt_dir = config.checkpoint.directory or str(
-            (self.run_dir / "checkpoints").absolute()
-        )
-        best_dir = str((self.run_dir / "best").absolute()) if config.validation.every else None
+        self.ckpt_dir = checkpoints_dir(config, self.run_dir)
+        best = best_dir(self.run_dir) if config.validation.every else None
         self.checkpointer = Checkpointer(
             self.ckpt_dir,
             keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save,
-            best_directory=best_dir,
+            best_directory=best,
         )
         self.meta: dict[str, Any] | None = None
         self.done = 0
@@ -729,96 +613,5 @@ def train(
 
     check_task_overlap(config)
     config = resolve_steps(config, data_factory, report)
-    _make_run_dir(Path(config.run_dir))
+    make_run_dir(Path(config.run_dir))
     return _Run(config, data_factory, stop_at, console).run()
-
-
-def _make_run_dir(run_dir: Path) -> None:
-    """Creates the run directory; a place that is a file, lies below a file or cannot be
-    written is a ConfigError naming it (were tracebacks from mkdir)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError(f"run_dir {run_dir} is a file, not a directory") from None
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise ConfigError(f"run_dir {run_dir}: cannot create the directory ({reason})") from None
-
-
-# ----------------------------------------------------------------------- load_trained
-
-
-def load_trained(
-    run_dir: str | Path,
-    step: int | str | None = None,
-    *,
-    mesh: jax.sharding.Mesh | None = None,
-    rules: ShardingRules | None = None,
-) -> tuple[nnx.Module, TrainConfig]:
-    """The model of a run with its trained parameters: `step` None = newest checkpoint,
-    an int = that checkpoint, "best" = the best validation step. Without a mesh the
-    model lives on one device of this process. Returns (model, the run's config)."""
-    run_dir = Path(run_dir)
-    config = load_config(TrainConfig, run_dir / CONFIG_FILE)
-    if mesh is None:
-        mesh = make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
-    rules = rules or ShardingRules.default()
-    base = prepare_base(config, run_dir)
-    model = build_model(config, base, mesh, rules)
-    split = split_model(
-        model,
-        config.mode,
-        mesh,
-        rules,
-        master_dtype=jnp.dtype(config.model.master_dtype),
-        frozen_dtype=jnp.dtype(config.model.frozen_dtype),
-    )
-    directory = (
-        str((run_dir / "best").absolute())
-        if step == "best"
-        else config.checkpoint.directory or str((run_dir / "checkpoints").absolute())
-    )
-    checkpointer = Checkpointer(directory, keep=1 << 30, async_save=False)
-    steps = list(checkpointer.all_steps())
-    if not steps:
-        raise FileNotFoundError(
-            f"{directory}: no {'best ' if step == 'best' else ''}checkpoint: the run has "
-            "not saved one yet"
-        )
-    chosen = checkpointer.latest_step() if step in (None, "best") else int(step)
-    if chosen not in steps:
-        raise FileNotFoundError(f"{directory}: no checkpoint {step} (have {steps})")
-    where = f"checkpoint {directory}/{chosen}"
-    silence_closed_loop_callbacks()  # a failing restore's stragglers print after it
-    try:
-        meta = checkpointer.read_meta(chosen)
-    except Exception as error:  # any read failure: the step is damaged
-        raise CheckpointReadError(_unreadable(where, error, steps, chosen)) from None
-    check_compatible(
-        meta,
-        fingerprint=resume_fingerprint(config),
-        base_sha256=base_identity(base),
-        where=where,
-    )
-    target = abstract_like(split.trainable, split.trainable_shardings)
-    try:
-        split.trainable = checkpointer.restore(chosen, "trainable", target)
-        split.rngs = checkpointer.restore_rngs(chosen, split.rngs, split.rngs_shardings)
-    except Exception as error:
-        raise CheckpointReadError(_unreadable(where, error, steps, chosen)) from None
-    checkpointer.close()
-    return split.merge(), config
-
-
-def _unreadable(where: str, error: BaseException, steps: list[int], chosen: int) -> str:
-    others = [s for s in steps if s != chosen]
-    hint = f"; the run's other checkpoints: steps {others}" if others else ""
-    return f"{where} cannot be read ({failure_line(error)}){hint}"
-
-
-def host_params(state: nnx.State) -> dict[str, np.ndarray]:
-    """Flat {dotted path: numpy array} of a state (for comparisons and export)."""
-    return {
-        ".".join(str(p) for p in path): np.asarray(jax.device_get(var.get_value()))
-        for path, var in nnx.to_flat_state(state)
-    }

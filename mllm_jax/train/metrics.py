@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from mllm_jax.foundation.files import default_mode
+from mllm_jax.foundation.files import atomic_file
 
 
 def is_main_process() -> bool:
@@ -59,11 +57,8 @@ class MetricsLog:
                 continue  # a line cut by a kill
             if record.get("step", 0) <= step:
                 kept.append(line)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        default_mode(tmp)
-        with os.fdopen(fd, "w") as f:
-            f.writelines(line + "\n" for line in kept)
-        os.replace(tmp, self.path)
+        with atomic_file(self.path) as handle:
+            handle.writelines(line + "\n" for line in kept)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

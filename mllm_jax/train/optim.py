@@ -15,7 +15,7 @@ import math
 import jax
 import optax
 
-from mllm_jax.train.config import OptimizerConfig
+from mllm_jax.runs.config import OptimizerConfig
 
 
 def warmup_steps(config: OptimizerConfig, steps: int) -> int:

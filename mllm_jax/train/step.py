@@ -20,7 +20,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mllm_jax.encoding.tokens import TokenKind
-from mllm_jax.model.sharding import ActivationSharding
+from mllm_jax.model.sharding import ActivationSharding, ShardingRules
+from mllm_jax.runs.state import SplitModel, replicated
 from mllm_jax.train.batches import batch_sharding
 from mllm_jax.train.loss import (
     SHOT_LABEL,
@@ -31,8 +32,6 @@ from mllm_jax.train.loss import (
     shot_label_sums,
     zero_sums,
 )
-from mllm_jax.train.mesh import ShardingRules
-from mllm_jax.train.state import SplitModel, replicated
 
 Batch = dict[str, jax.Array]
 FRAME, LABEL = int(TokenKind.FRAME), int(TokenKind.LABEL)
@@ -154,7 +153,7 @@ def make_train_step(
     the label-only numbers of `sums_metrics`. shots: the shot-label auxiliary loss (its
     sums are measured whenever given, added to the objective when its weight is > 0).
     trainable, opt_state and rngs are donated. remat: per-layer policy name or bool
-    (`mllm_jax.model.remat`). rules: the parameters' sharding rules; given, the model
+    (`mllm_jax.model.qwen2`). rules: the parameters' sharding rules; given, the model
     pins its activations to the matching layout on `mesh` (`mllm_jax.model.sharding`).
     """
     graphdef = split.graphdef

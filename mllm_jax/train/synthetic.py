@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mllm_jax.train.config import SyntheticConfig
+from mllm_jax.runs.config import SyntheticConfig
 
 PAD, SEP, END = 0, 1, 2
 _FIRST_KEY = 3

@@ -1,0 +1,93 @@
+"""Our prior against the reference prior (tabicl 0.1.4) on the five task statistics.
+
+The reference side is the committed fixture tests/fixtures/prior_reference_stats.json
+(600 i.i.d. reference tasks, written by tools/make_prior_fixture.py). Ours is generated
+live. The default test uses 200 tasks and two MLP width buckets (fewer compiled
+programs; buckets only pad, they do not change the distribution); the slow tests use
+600 tasks at the default config and regenerate reference tasks live.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from locations import FIXTURES, TOOLS
+
+from mllm_jax.prior import PriorConfig, sample_tasks
+from mllm_jax.prior.sampler import compile_programs
+from mllm_jax.prior.stats import STATISTICS, ks_distances, task_statistics
+
+FIXTURE = FIXTURES / "prior_reference_stats.json"
+KS_BOUND = 0.15
+
+
+def _reference() -> dict:
+    return json.loads(FIXTURE.read_text())
+
+
+def _our_statistics(count: int, config: PriorConfig, seed: int = 0) -> dict[str, list[float]]:
+    compile_programs(seed, 0, count, config)  # kinds compile in parallel threads
+    batch = sample_tasks(seed, 0, count, config)
+    assert batch.valid.all()
+    tasks = batch.to_tasks()
+    # scikit-learn's forest fitting releases the GIL: two threads use both cores.
+    with ThreadPoolExecutor(2) as pool:
+        rows = list(pool.map(lambda t: task_statistics(t.X, t.y, t.n_train, t.categorical), tasks))
+    return {name: [row[name] for row in rows] for name in STATISTICS}
+
+
+def test_fixture_describes_the_reference_settings():
+    ref = _reference()
+    assert ref["reference"] == "tabicl==0.1.4"
+    s = ref["settings"]
+    defaults = PriorConfig()
+    assert (s["min_features"], s["max_features"]) == (defaults.min_features, defaults.max_features)
+    assert (s["max_classes"], s["rows"]) == (defaults.max_classes, defaults.rows)
+    assert s["batch_size_per_gp"] == 1 and s["prior_type"] == "mix_scm"
+    assert all(len(ref["statistics"][name]) == s["count"] >= 500 for name in STATISTICS)
+
+
+def test_matches_reference_statistics():
+    config = PriorConfig(widths=(128, 512))
+    ks = ks_distances(_our_statistics(200, config), _reference()["statistics"])
+    assert set(ks) == set(STATISTICS)
+    assert max(ks.values()) <= KS_BOUND, ks
+
+
+@pytest.mark.slow
+def test_matches_reference_statistics_600_tasks():
+    """The numbers in docs/prior.md: 600 tasks, default config."""
+    ks = ks_distances(_our_statistics(600, PriorConfig()), _reference()["statistics"])
+    assert set(ks) == set(STATISTICS)
+    assert max(ks.values()) <= KS_BOUND, ks
+
+
+@pytest.mark.slow
+def test_reference_fixture_regenerates():
+    """The fixture's first tasks come out of the installed reference again, statistic by
+    statistic (same script, seed and order), so the fixture is what tabicl produces."""
+    pytest.importorskip("tabicl")
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import make_prior_fixture
+    finally:
+        sys.path.remove(str(TOOLS))
+    ref = _reference()
+    count = 40
+    live: dict[str, list[float]] = {name: [] for name in STATISTICS}
+    families = []
+    for X, y, n_train, cat, params in make_prior_fixture.sample_reference(
+        count, ref["settings"]["seed"]
+    ):
+        for name, value in task_statistics(X, y, n_train, cat).items():
+            live[name].append(value)
+        families.append("mlp" if params["prior_type"] == "mlp_scm" else "tree")
+    assert families == ref["info"]["family"][:count]
+    for name in STATISTICS:
+        np.testing.assert_allclose(
+            live[name], ref["statistics"][name][:count], atol=2e-6, err_msg=name
+        )

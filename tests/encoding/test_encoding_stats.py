@@ -63,3 +63,24 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["stats", "--data-dir", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+def test_natural_language_rows_are_tabllm_lines_of_the_raw_values(data_dir, backend):
+    """The paper's comparator: `name is value, ..., Label is label` per row, with the raw
+    values as the CSV prints them, counted by the tokenizer."""
+    stats = table_token_stats(data_dir / "small.csv", PromptTokenizer(backend), rows=50, seed=1)
+    table = pd.read_csv(data_dir / "small.csv")
+    sample = table.iloc[np.random.default_rng(1).permutation(len(table))[:50]]
+    codes = {"no": 0, "yes": 1}
+    text = "".join(
+        f"x is {x}, color is {color}, Label is {codes[label]}\n"
+        for x, color, label in sample[["x", "color", "label"]].itertuples(index=False)
+    )
+    assert stats.natural_tokens_per_row == round(len(backend.encode(text).ids) / 50, 2)
+    assert stats.natural_rows_per_context == int(32000 // stats.natural_tokens_per_row)
+    assert stats.natural_ratio == pytest.approx(
+        stats.natural_tokens_per_row / stats.ours_tokens_per_row
+    )
+    # Names repeated on every row: natural language costs more than CSV and than ours.
+    assert stats.natural_tokens_per_row > stats.csv_tokens_per_row > stats.ours_tokens_per_row
+    assert stats.ours_natural_tokens_per_row > stats.ours_tokens_per_row

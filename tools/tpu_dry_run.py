@@ -47,7 +47,9 @@ TOPOLOGIES: dict[str, dict[str, Any]] = {
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def compile_step(shape: str, layers: int, seq: int, grad_accum: int, answer: int) -> dict:
+def compile_step(
+    shape: str, layers: int, seq: int, grad_accum: int, answer: int, remat: str = "full"
+) -> dict:
     """Compiles the recipe's LoRA step for every local (simulated) device; the memory
     analysis per device. Runs in the child, after XLA_FLAGS is set."""
     import jax
@@ -108,7 +110,7 @@ def compile_step(shape: str, layers: int, seq: int, grad_accum: int, answer: int
     tx = make_optimizer(OptimizerConfig())
     opt_shardings = optimizer_shardings(tx, trainable, split.trainable_shardings, mesh)
     opt_state = jax.eval_shape(tx.init, trainable)
-    step = make_train_step(split, tx, opt_shardings, mesh, budget=answer, remat="full", rules=rules)
+    step = make_train_step(split, tx, opt_shardings, mesh, budget=answer, remat=remat, rules=rules)
     batch_size = mesh.devices.size  # one sequence per chip, as the recipe
     ints = jax.ShapeDtypeStruct((grad_accum, batch_size, seq), jnp.int32)
     batch = {
@@ -128,6 +130,7 @@ def compile_step(shape: str, layers: int, seq: int, grad_accum: int, answer: int
     frozen_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen))
     return {
         "layers": layers,
+        "remat": remat,
         "devices": int(mesh.devices.size),
         "mesh": dict(mesh.shape),
         "batch_sharding": str(batch_sharding(mesh).spec),
@@ -147,7 +150,9 @@ def per_device_gib(record: dict) -> float:
 
 
 def child(args: argparse.Namespace) -> int:
-    record = compile_step(args.shape, args.child_layers, args.seq, args.grad_accum, args.answer)
+    record = compile_step(
+        args.shape, args.child_layers, args.seq, args.grad_accum, args.answer, args.remat
+    )
     print(json.dumps(record), flush=True)
     return 0
 
@@ -172,13 +177,21 @@ def run_child(topology: str, layers: int, args: argparse.Namespace) -> dict:
         str(args.grad_accum),
         "--answer",
         str(args.answer),
+        "--remat",
+        args.remat,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         raise RuntimeError(f"{topology}, {layers} layers: the compile failed: " + " | ".join(tail))
     record = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"topology": topology, "shape": args.shape, "seq": args.seq, **record}
+    return {
+        "topology": topology,
+        "shape": args.shape,
+        "seq": args.seq,
+        "remat": args.remat,
+        **record,
+    }
 
 
 def extrapolate(records: list[dict], full_layers: int, hbm_gib: float) -> dict:
@@ -208,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=32768, help="the recipe's sequence length")
     parser.add_argument("--grad-accum", type=int, default=8)
     parser.add_argument("--answer", type=int, default=768, help="max_answer_tokens")
+    parser.add_argument("--remat", default="full", help="per-layer remat policy (the recipe's)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
     parser.add_argument("--child-layers", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from mllm_jax.prior.stats import ks_critical_value
+
 FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "prior_reference_stats.json"
-C_ALPHA_001 = math.sqrt(-0.5 * math.log(0.01 / 2))  # 1.628: two-sided, alpha = 0.01
 
 
 def critical_value(n: int, m: int) -> float:
-    """Asymptotic two-sample KS critical value at alpha = 0.01."""
-    return C_ALPHA_001 * math.sqrt((n + m) / (n * m))
+    """Asymptotic two-sample KS critical value at alpha = 0.01 (the test's)."""
+    return ks_critical_value(n, m, 0.01)
 
 
 def main() -> None:

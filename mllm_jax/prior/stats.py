@@ -80,3 +80,25 @@ def ks_distances(
         for name in STATISTICS
         if name in ours and name in reference
     }
+
+
+def ks_critical_value(n: int, m: int, alpha: float = 0.01) -> float:
+    """The two-sample KS distance above which samples of sizes `n` and `m` differ at
+    level `alpha` (asymptotic: sqrt(-ln(alpha / 2) / 2) * sqrt((n + m) / (n m)));
+    conservative for discrete statistics such as the class count."""
+    if n < 1 or m < 1 or not 0 < alpha < 1:
+        raise ValueError(f"need n, m >= 1 and 0 < alpha < 1, got {n}, {m}, {alpha}")
+    return float(np.sqrt(-np.log(alpha / 2) / 2) * np.sqrt((n + m) / (n * m)))
+
+
+def ks_verdicts(
+    ours: dict[str, list[float]], reference: dict[str, list[float]], alpha: float = 0.01
+) -> dict[str, dict[str, float | bool]]:
+    """Per statistic: the KS distance, its critical value at `alpha` for the two sample
+    sizes, and whether the distance stays within it."""
+    distances = ks_distances(ours, reference)
+    out: dict[str, dict[str, float | bool]] = {}
+    for name, distance in distances.items():
+        critical = ks_critical_value(len(ours[name]), len(reference[name]), alpha)
+        out[name] = {"ks": distance, "critical": critical, "within": distance <= critical}
+    return out

@@ -19,10 +19,15 @@ from locations import FIXTURES, TOOLS
 
 from mllm_jax.prior import PriorConfig, sample_tasks
 from mllm_jax.prior.sampler import compile_programs
-from mllm_jax.prior.stats import STATISTICS, ks_distances, task_statistics
+from mllm_jax.prior.stats import (
+    STATISTICS,
+    ks_critical_value,
+    ks_verdicts,
+    task_statistics,
+)
 
 FIXTURE = FIXTURES / "prior_reference_stats.json"
-KS_BOUND = 0.15
+ALPHA = 0.01  # each statistic's KS distance must stay within its critical value at this level
 
 
 def _reference() -> dict:
@@ -51,19 +56,32 @@ def test_fixture_describes_the_reference_settings():
     assert all(len(ref["statistics"][name]) == s["count"] >= 500 for name in STATISTICS)
 
 
+def test_ks_critical_value_matches_scipy():
+    """At the critical value, scipy's asymptotic two-sample KS p-value is alpha."""
+    from scipy.special import kolmogorov
+
+    for n, m in ((200, 600), (600, 600), (50, 80)):
+        critical = ks_critical_value(n, m, ALPHA)
+        effective = np.sqrt(n * m / (n + m))
+        assert kolmogorov(critical * effective) == pytest.approx(ALPHA, rel=1e-3)
+    assert ks_critical_value(200, 600) == pytest.approx(0.1329, abs=1e-4)
+    with pytest.raises(ValueError):
+        ks_critical_value(0, 10)
+
+
 def test_matches_reference_statistics():
     config = PriorConfig(widths=(128, 512))
-    ks = ks_distances(_our_statistics(200, config), _reference()["statistics"])
-    assert set(ks) == set(STATISTICS)
-    assert max(ks.values()) <= KS_BOUND, ks
+    verdicts = ks_verdicts(_our_statistics(200, config), _reference()["statistics"], ALPHA)
+    assert set(verdicts) == set(STATISTICS)
+    assert all(v["within"] for v in verdicts.values()), verdicts
 
 
 @pytest.mark.slow
 def test_matches_reference_statistics_600_tasks():
     """The numbers in docs/prior.md: 600 tasks, default config."""
-    ks = ks_distances(_our_statistics(600, PriorConfig()), _reference()["statistics"])
-    assert set(ks) == set(STATISTICS)
-    assert max(ks.values()) <= KS_BOUND, ks
+    verdicts = ks_verdicts(_our_statistics(600, PriorConfig()), _reference()["statistics"], ALPHA)
+    assert set(verdicts) == set(STATISTICS)
+    assert all(v["within"] for v in verdicts.values()), verdicts
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ the LLM classifier of `mllm_jax.infer` joins through `resolve_methods(..., model
 """
 
 from mllm_jax.eval.datasets import resolve_datasets
-from mllm_jax.eval.methods import Classifier, MethodFactory, MethodUnavailableError, resolve_methods
+from mllm_jax.eval.estimator import Classifier, MethodFactory
+from mllm_jax.eval.methods import MethodUnavailableError, resolve_methods
 from mllm_jax.eval.metrics import METRICS, compute_metrics
 from mllm_jax.eval.protocol import Episode, Plan, PlanEntry, Protocol, build_plan, reference_shots
 from mllm_jax.eval.run import (

@@ -29,7 +29,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from xgboost import XGBClassifier
 
-from mllm_jax.eval.methods import MethodFactory
+from mllm_jax.eval.estimator import MethodFactory
 from mllm_jax.eval.preprocessing import TextEncoding, make_preprocessor
 
 # (n_shots, n_classes_in_shots, seed) -> an unfitted scikit-learn classifier.

@@ -1,8 +1,6 @@
-"""What the runner evaluates: anything with `fit`, `predict_proba` and `classes_`.
-
-A method is named by a factory `seed -> Classifier`, called once per fit so no state leaks
-between entries. Baselines live in `baselines.py`; the LLM classifier of `mllm_jax.infer`
-plugs in through `llm_method` when that package exists.
+"""The methods an evaluation runs, by name: the baselines of `baselines.py` and the LLM
+classifier of `mllm_jax.infer`, which plugs in through `llm_method` when that package
+exists. Each is a factory `seed -> Classifier` (`estimator.py`).
 """
 
 from __future__ import annotations
@@ -10,30 +8,14 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, Self, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Self
 
 import numpy as np
 import pandas as pd
 
-
-@runtime_checkable
-class Classifier(Protocol):
-    """The scikit-learn subset the runner calls.
-
-    fit: X DataFrame[shots, features], y i64[shots] label codes -> self.
-    predict_proba: X DataFrame[n, features] -> f32[n, len(classes_)], rows summing to 1.
-    classes_: the label codes seen in `fit`, sorted; column j of predict_proba is classes_[j].
-    """
-
-    classes_: np.ndarray
-
-    def fit(self, X: pd.DataFrame, y: np.ndarray) -> Self: ...
-
-    def predict_proba(self, X: pd.DataFrame) -> np.ndarray: ...
-
-
-MethodFactory = Callable[[int], Classifier]
+from mllm_jax.eval.baselines import BASELINES
+from mllm_jax.eval.estimator import Classifier, MethodFactory
 
 LLM_PACKAGE = "mllm_jax.infer"
 
@@ -109,8 +91,6 @@ def resolve_methods(
     """Baseline names (see `baselines.BASELINES`) plus the LLM under `model_name` if given
     (`model_options` go to its constructor), and with `permuted_shots` the LLM again as
     `<model_name>_permuted`, fitted on shuffled shot labels (`PermutedShotLabels`)."""
-    from mllm_jax.eval.baselines import BASELINES
-
     unknown = [name for name in names if name not in BASELINES]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {', '.join(BASELINES)}")

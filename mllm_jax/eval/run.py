@@ -35,7 +35,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from mllm_jax.eval.methods import MethodFactory
+from mllm_jax.eval.estimator import MethodFactory
 from mllm_jax.eval.metrics import check_probabilities, compute_metrics
 from mllm_jax.eval.protocol import Plan, PlanEntry, Protocol, Skipped, build_plan
 from mllm_jax.eval.report import write_reports

@@ -58,11 +58,11 @@ def compile_step(
 
     from mllm_jax.foundation.mesh import make_mesh
     from mllm_jax.model import preset
-    from mllm_jax.model.lora import LoRAConfig, LoRAParam, apply_lora
+    from mllm_jax.model.lora import LoRAConfig, apply_lora
     from mllm_jax.model.qwen2 import Qwen2ForCausalLM
-    from mllm_jax.model.sharding import ShardingRules, state_shardings
+    from mllm_jax.model.sharding import ShardingRules
     from mllm_jax.runs.config import OptimizerConfig
-    from mllm_jax.runs.state import SplitModel, optimizer_shardings
+    from mllm_jax.runs.state import abstract_split, optimizer_shardings
     from mllm_jax.train.batches import batch_sharding
     from mllm_jax.train.optim import make_optimizer
     from mllm_jax.train.step import make_train_step
@@ -83,30 +83,8 @@ def compile_step(
         return model
 
     abstract = nnx.eval_shape(build)
-    abstract.eval()
-    eval_graphdef = nnx.graphdef(abstract)
-    abstract.train()
-    graphdef, trainable, rngs, frozen = nnx.split(abstract, LoRAParam, nnx.RngState, ...)
-
-    def with_dtype(state, dtype):
-        def one(x):
-            floating = jnp.issubdtype(x.dtype, jnp.floating)
-            return jax.ShapeDtypeStruct(x.shape, dtype if floating else x.dtype)
-
-        return jax.tree.map(one, state)
-
-    trainable = with_dtype(trainable, jnp.float32)
-    frozen = with_dtype(frozen, jnp.bfloat16)
-    split = SplitModel(
-        graphdef,
-        eval_graphdef,
-        trainable,
-        rngs,
-        frozen,
-        state_shardings(trainable, mesh, rules),
-        state_shardings(rngs, mesh, rules),
-        state_shardings(frozen, mesh, rules),
-    )
+    split = abstract_split(abstract, "lora", mesh, rules)  # LoRA f32, the base bf16
+    trainable, rngs, frozen = split.trainable, split.rngs, split.frozen
     tx = make_optimizer(OptimizerConfig())
     opt_shardings = optimizer_shardings(tx, trainable, split.trainable_shardings, mesh)
     opt_state = jax.eval_shape(tx.init, trainable)

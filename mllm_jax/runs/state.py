@@ -72,6 +72,22 @@ def _cast(state: nnx.State, dtype: Any, shardings: nnx.State) -> nnx.State:
     return jax.jit(lambda s: jax.tree.map(cast, s), out_shardings=shardings)(state)
 
 
+def _split(model: nnx.Module, mode: str) -> tuple[Any, Any, nnx.State, nnx.State, nnx.State]:
+    """(train graphdef, eval graphdef, trainable, rngs, frozen) of `model`; ValueError if
+    nothing would train."""
+    model.eval()
+    eval_graphdef = nnx.graphdef(model)
+    model.train()
+    graphdef, trainable, rngs, frozen = nnx.split(model, trainable_filter(mode), nnx.RngState, ...)
+    model.eval()
+    if not jax.tree.leaves(trainable):
+        raise ValueError(
+            f"mode {mode!r}: the model has no trainable variables"
+            + (" (was apply_lora called?)" if mode == "lora" else "")
+        )
+    return graphdef, eval_graphdef, trainable, rngs, frozen
+
+
 def split_model(
     model: nnx.Module,
     mode: str,
@@ -86,16 +102,7 @@ def split_model(
     Trainable arrays are cast to `master_dtype`, frozen floating arrays (LoRA mode) to
     `frozen_dtype`. Raises ValueError if nothing would train.
     """
-    model.eval()
-    eval_graphdef = nnx.graphdef(model)
-    model.train()
-    graphdef, trainable, rngs, frozen = nnx.split(model, trainable_filter(mode), nnx.RngState, ...)
-    model.eval()
-    if not jax.tree.leaves(trainable):
-        raise ValueError(
-            f"mode {mode!r}: the model has no trainable variables"
-            + (" (was apply_lora called?)" if mode == "lora" else "")
-        )
+    graphdef, eval_graphdef, trainable, rngs, frozen = _split(model, mode)
     t_shard = state_shardings(trainable, mesh, rules)
     r_shard = state_shardings(rngs, mesh, rules)
     f_shard = state_shardings(frozen, mesh, rules)
@@ -136,3 +143,39 @@ def init_optimizer(
 
 def count_params(state: nnx.State) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(state))
+
+
+def abstract_split(
+    model: nnx.Module,
+    mode: str,
+    mesh: Mesh,
+    rules: ShardingRules,
+    *,
+    master_dtype: Any = jnp.float32,
+    frozen_dtype: Any = jnp.bfloat16,
+) -> SplitModel:
+    """`split_model` of an abstract model (`nnx.eval_shape`): the same split, dtypes and
+    shardings, with `jax.ShapeDtypeStruct` states, nothing allocated (for compiling the
+    train step ahead of time, e.g. for a mesh this host does not have)."""
+    graphdef, eval_graphdef, trainable, rngs, frozen = _split(model, mode)
+
+    def with_dtype(state: nnx.State, dtype: Any) -> nnx.State:
+        def one(x):
+            floating = jnp.issubdtype(x.dtype, jnp.floating)
+            return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype) if floating else x.dtype)
+
+        return jax.tree.map(one, state)
+
+    trainable = with_dtype(trainable, master_dtype)
+    if mode == "lora":
+        frozen = with_dtype(frozen, frozen_dtype)
+    return SplitModel(
+        graphdef,
+        eval_graphdef,
+        trainable,
+        rngs,
+        frozen,
+        state_shardings(trainable, mesh, rules),
+        state_shardings(rngs, mesh, rules),
+        state_shardings(frozen, mesh, rules),
+    )

@@ -25,7 +25,11 @@ from mllm_jax.encoding.table import EncodedFeatures, encode_table
 
 SYSTEM_PROMPT = "You are an AI assistant. Your task is supervised classification."
 MAX_CLASSES = 10
-"""Label sets the reference model was trained on: up to 10 classes, labels 0..9."""
+"""The default largest label set: the reference model was trained on up to 10 classes,
+labels 0..9 (one digit token each). Larger sets are allowed where a caller passes a larger
+``max_classes`` (or None): a label of 10 and above is printed as its integer, as the
+reference prints every label (``str(int)``), so Qwen2's tokenizer spells it with one
+token per digit (label 12 is "1", "2"; docs/encoding.md)."""
 
 Style = Literal["concat", "tabllm"]
 STYLES: tuple[str, ...] = ("concat", "tabllm")
@@ -87,10 +91,11 @@ def check_labels(y: object, what: str) -> np.ndarray:
     return floats.astype(np.int64)
 
 
-def label_set(y_train: np.ndarray, max_classes: int = MAX_CLASSES) -> list[int]:
-    """The sorted classes shown in the prompt; raises when there are too many."""
+def label_set(y_train: np.ndarray, max_classes: int | None = MAX_CLASSES) -> list[int]:
+    """The sorted classes shown in the prompt; raises when there are more than
+    ``max_classes`` (None: no limit)."""
     classes = sorted(int(v) for v in set(np.asarray(y_train).tolist()))
-    if len(classes) > max_classes:
+    if max_classes is not None and len(classes) > max_classes:
         raise ValueError(
             f"{len(classes)} classes in the training rows, more than the {max_classes} "
             f"supported (classes {classes[:12]}{'...' if len(classes) > 12 else ''})"
@@ -165,7 +170,7 @@ def user_segments(
     *,
     style: Style = "concat",
     include_feature_descriptions: bool = False,
-    max_classes: int = MAX_CLASSES,
+    max_classes: int | None = MAX_CLASSES,
 ) -> tuple[Segment, ...]:
     """The user message as segments.
 
@@ -174,7 +179,8 @@ def user_segments(
         y_train: i64[n_train] labels of the shots.
         style: "concat" (the reference default) or "tabllm".
         include_feature_descriptions: the reference's optional feature-name line (concat).
-        max_classes: refuse label sets larger than this.
+        max_classes: refuse label sets larger than this (None: no limit). Labels of
+            10 and above are printed as integers, several digit tokens each.
     """
     if style not in STYLES:
         raise ValueError(f"unknown prompt style {style!r}, expected one of {STYLES}")
@@ -237,7 +243,7 @@ def build_prompt(
     feature_names: Sequence[str] | None = None,
     include_feature_descriptions: bool = False,
     pandas2_floats: bool = False,
-    max_classes: int = MAX_CLASSES,
+    max_classes: int | None = MAX_CLASSES,
     system_prompt: str = SYSTEM_PROMPT,
 ) -> Prompt:
     """Like :func:`build_messages`, but returns the segments (for the fast token path)."""
@@ -291,7 +297,7 @@ def build_messages(
         y_test: [n_test] labels; when given, the assistant answer is appended.
         **options: ``style`` ("concat" | "tabllm"), ``clip_max`` (None | 999),
             ``feature_names``, ``include_feature_descriptions``, ``pandas2_floats``,
-            ``max_classes`` (10), ``system_prompt``; see :func:`build_prompt`.
+            ``max_classes`` (10; None for no limit), ``system_prompt``; see :func:`build_prompt`.
 
     Returns:
         ``[{"role": "system", ...}, {"role": "user", ...}]`` plus

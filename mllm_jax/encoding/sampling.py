@@ -43,7 +43,10 @@ class SamplingConfig:
         consensus_only: use only the rows marked in the task's ``consensus`` mask (the
             warm-up stage); tasks without a mask use all rows.
         clip_max: upper clip of the encoded numbers (None = reference, 999 = paper).
-        max_classes: refuse tasks whose shots show more classes than this.
+        max_classes: refuse tasks whose shots show more classes than this. The default
+            (10) is the prior's default and the reference's; set it to the prior's
+            ``max_classes`` (up to 64) to train on more: labels of 10 and above are
+            printed as integers, one token per digit, all in the loss.
         permute_labels: give the task's classes a fresh random order in every prompt
             (the prior already relabels each task once; this makes a task seen again in
             another epoch show other label ids, so no label bias can be memorised).
@@ -70,6 +73,8 @@ class SamplingConfig:
             raise ValueError(f"max_queries must be >= 1, got {self.max_queries}")
         if self.token_budget < 1:
             raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
+        if self.max_classes < 1:
+            raise ValueError(f"max_classes must be >= 1, got {self.max_classes}")
         if self.clip_max is not None and self.clip_max < 1:
             raise ValueError(f"clip_max must be None or >= 1, got {self.clip_max}")
 

@@ -93,8 +93,11 @@ class TaskSequenceEncoder:
             try:
                 prompt = task_prompt(task, shots[:n_shots], queries, self.config)
             except ValueError as exc:  # too many classes, infinite values, ...
+                hint = ""
+                if "classes in the training rows" in str(exc):
+                    hint = " (raise the pipeline's sampling.max_classes to train on them)"
                 raise TaskEncodingError(
-                    f"task (seed={task.seed}, index={task.index}): {exc}"
+                    f"task (seed={task.seed}, index={task.index}): {exc}{hint}"
                 ) from exc
             encoded = self.tokenizer.encode(prompt)
             over = len(encoded) - budget

@@ -170,8 +170,8 @@ class TokenKind(IntEnum):
 
     PROMPT = 0  # system, instructions, table cells, query rows
     FRAME = 1  # answer tokens that are not a label: '[{"id": 0, "label": ', '}]', <|im_end|>
-    LABEL = 2  # the digits of a query's label in the answer
-    SHOT_LABEL = 3  # the digits of a shot's label in the training rows
+    LABEL = 2  # every digit of a query's label in the answer (label 12: two tokens)
+    SHOT_LABEL = 3  # every digit of a shot's label in the training rows
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,11 @@ set also falls back to rule 2 (the reference kept it, a certain error); rule 2 u
 exact distribution of the label tokens at that position (we have the logits, not a
 top-10 list); the default label is the most frequent class among the shots (the
 reference took the most frequent label of the test rows' ground truth).
+
+With more than 10 classes a label is several tokens and the distribution at its first
+token is over first digits, not classes ("1" stands for 1 and 10-19): rule 2 is then not
+applied (a row without a parsed label gets the default) and a parsed label's probability
+is one-hot.
 """
 
 from __future__ import annotations
@@ -104,9 +109,13 @@ def read_answer(
     label-token log-probabilities at each generated position; default: the class code
     for rows that nothing else labels; text: the whole answer decoded at once (default
     the tokens' texts joined; they differ only where a token holds part of a UTF-8 char).
+    With label_log_probs over fewer tokens than n_classes (more than 10 classes), rule 2
+    is skipped.
     """
     parsed = parse_labels("".join(token_texts) if text is None else text, rows)
-    positions = label_positions(token_texts)
+    # One token per class only up to 10 classes (the digits); beyond, no class
+    # distribution can be read at one position.
+    positions = label_positions(token_texts) if label_log_probs.shape[-1] >= n_classes else []
     labels = np.zeros(rows, np.int64)
     proba = np.zeros((rows, n_classes), np.float64)
     sources: list[Source] = []

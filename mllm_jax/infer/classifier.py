@@ -249,7 +249,8 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
         """Checks and stores the examples; loads the model (cached between instances).
 
         X: [shots, features] DataFrame or array (numbers, text, NaN); y: [shots] labels
-        (any sortable values, at most 10 classes).
+        (any sortable values; more than 10 classes are printed as codes 10, 11, ...,
+        several tokens each, and scored exactly: docs/infer.md).
         """
         self._check_params()
         frame = as_frame(X, "X")
@@ -303,7 +304,9 @@ class MLLMClassifier(ClassifierMixin, BaseEstimator):
     def _max_new_tokens(self, loaded: LoadedModel, rows: int) -> int:
         if self.max_new_tokens is not None:
             return int(self.max_new_tokens)
-        answer = len(answer_frame(loaded.prompt_tokenizer, rows).ids) + 3  # label, "}]", eos
+        # the frame, the last label, "}]", eos; labels of 10 and up take more digits
+        extra_digits = rows * (len(str(len(self.classes_) - 1)) - 1)
+        answer = len(answer_frame(loaded.prompt_tokenizer, rows).ids) + 3 + extra_digits
         return -(-(int(answer * 1.25) + 16) // 64) * 64  # a few budgets -> a few compilations
 
     def predict_details(self, X: Any) -> Prediction:

@@ -64,7 +64,7 @@ def _label_log_probs(model, hidden, label_tokens, n_labels) -> jax.Array:
     return jax.nn.log_softmax(jnp.where(valid, logits, -jnp.inf), axis=-1)
 
 
-def _extend(model, ids, positions, segments, cache, prefix, chunk: int):
+def extend_queries(model, ids, positions, segments, cache, prefix, chunk: int):
     """Appends [B, T] tokens to `cache`, attending also to `prefix`; `chunk` tokens per
     model call (T <= chunk or a multiple of it). Returns (final hidden of the last
     token [B, embed], cache)."""
@@ -124,7 +124,9 @@ def score_chunks(
     b, tq = query_ids.shape
     steps, width = step_ids.shape
     cache = KVCache.create(model.config, b, tq + steps * width)
-    last, cache = _extend(model, query_ids, query_positions, query_segments, cache, prefix, chunk)
+    last, cache = extend_queries(
+        model, query_ids, query_positions, query_segments, cache, prefix, chunk
+    )
     first = _label_log_probs(model, last, label_tokens, n_labels)
 
     def step(carry, xs):
@@ -174,7 +176,9 @@ def decode_chunks(
     model = nnx.merge(graphdef, state)
     b, tq = query_ids.shape
     cache = KVCache.create(model.config, b, tq + max_new_tokens)
-    last, cache = _extend(model, query_ids, query_positions, query_segments, cache, prefix, chunk)
+    last, cache = extend_queries(
+        model, query_ids, query_positions, query_segments, cache, prefix, chunk
+    )
 
     def pick(hidden):
         logits = model.logits(hidden)

@@ -16,7 +16,8 @@ for every chunk).
 
 The answer ``[{"id": 0, "label": L0}, {"id": 1, "label": L1}, ...]`` is laid out as
 `AnswerFrame`: the tokens between two label slots are fixed, each label is one digit
-token (class codes 0..9).
+token (class codes 0..9); codes of 10 and above are several digit tokens, laid out by
+`mllm_jax.infer.labels` from the same frame.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def build_chunked_prompt(
 
     Args:
         X_shots: [shots, features] training rows in prompt order.
-        y_codes: i64[shots] class codes 0..K-1 (the labels printed).
+        y_codes: i64[shots] class codes 0..K-1 (the labels printed; any K).
         X_test: [n, features] test rows; chunk c holds rows [c*chunk_size, ...).
         chunk_size: test rows per prompt (the reference used 50).
         pandas2_floats: print float columns' values as "512.0", the bytes of the
@@ -199,7 +200,9 @@ def build_chunked_prompt(
     prefix_ids = np.zeros(0, np.int32)
     queries = []
     for c, chunk_rows in enumerate(rows):
-        user = user_segments(_chunk_features(features, chunk_rows), y_codes, style=style)
+        user = user_segments(
+            _chunk_features(features, chunk_rows), y_codes, style=style, max_classes=None
+        )
         head_user, query_user = split_user(user)
         head, tail = _wrap(head_user, query_user, system_prompt, prompt_format)
         if prefix_user is None:

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mllm_jax.infer.engine import MAX_LABELS, decode_chunks, prefix_cache, score_chunks
+from mllm_jax.infer.labels import SINGLE_TOKEN_CLASSES, chunk_closers, fixed_steps, label_spelling
 from mllm_jax.infer.loading import LoadedModel
 from mllm_jax.infer.prompts import AnswerFrame, ChunkedPrompt, answer_frame
+from mllm_jax.infer.spelled import score_chunks_spelled
 from mllm_jax.model import KVCache
 
 PREFIX_BUCKET = 512
@@ -163,12 +165,19 @@ def score_prompt(
     settings: RunSettings = RunSettings(),
     progress: Progress | None = None,
 ) -> np.ndarray:
-    """Label log-probabilities of every test row, slot by slot (see `engine.score_chunks`).
+    """Label log-probabilities of every test row, slot by slot.
+
+    Up to 10 classes each label is one digit token: the distribution of the label token
+    restricted to the K label tokens (`engine.score_chunks`). More classes are spelled
+    with several tokens: each class's whole spelling and the token closing the label are
+    scored, then normalised over the classes (`spelled.score_chunks_spelled`).
 
     Returns f32[n_test, n_classes].
     """
-    if not 1 <= n_classes <= MAX_LABELS:
-        raise ValueError(f"label scoring takes 1 to {MAX_LABELS} classes, got {n_classes}")
+    if n_classes < 1:
+        raise ValueError(f"label scoring needs at least 1 class, got {n_classes}")
+    if n_classes > SINGLE_TOKEN_CLASSES:
+        return _score_spelled(loaded, prompt, n_classes, settings, progress)
     frame: AnswerFrame = answer_frame(
         loaded.prompt_tokenizer, max(len(rows) for rows in prompt.rows)
     )
@@ -208,6 +217,58 @@ def score_prompt(
     return out
 
 
+def _score_spelled(
+    loaded: LoadedModel,
+    prompt: ChunkedPrompt,
+    n_classes: int,
+    settings: RunSettings,
+    progress: Progress | None,
+) -> np.ndarray:
+    """`score_prompt` for labels spelled with several tokens: f32[n_test, n_classes]."""
+    tok = loaded.prompt_tokenizer
+    rows = max(len(r) for r in prompt.rows)
+    spelling = label_spelling(tok, n_classes)
+    right_spell, right_mask = spelling.right_aligned()
+    fixed_ids, fixed_segments = fixed_steps(tok, rows)
+    answer = (rows - 1) * (spelling.width + fixed_ids.shape[1]) + spelling.width + 1
+    longest = max(len(q) for q in prompt.queries)
+    check_context(loaded, len(prompt.prefix) + longest + answer, "the prompt of a chunk")
+
+    prefix = (
+        prompt_prefix_cache(loaded, prompt.prefix, settings.prefill_chunk)
+        if settings.reuse_prefix
+        else None
+    )
+    out = np.zeros((prompt.rows[-1].stop, n_classes), np.float32)
+    for chunks in _batches(prompt, settings.batch_size):
+        chunk, (ids, positions, segments) = _queries(loaded, prompt, chunks, settings, prefix)
+        sizes = [len(prompt.rows[c]) for c in chunks]
+        sizes += [sizes[0]] * (settings.batch_size - len(sizes))  # the repeated padding chunk
+        log_probs = score_chunks_spelled(
+            loaded.graphdef,
+            loaded.state,
+            prefix,
+            ids,
+            positions,
+            segments,
+            jnp.asarray(fixed_ids),
+            jnp.asarray(fixed_segments),
+            jnp.asarray(spelling.tokens),
+            jnp.asarray(spelling.lengths),
+            jnp.asarray(right_spell),
+            jnp.asarray(right_mask),
+            jnp.asarray(chunk_closers(tok, sizes, rows)),
+            chunk=chunk,
+        )
+        log_probs = np.asarray(log_probs)
+        for b, c in enumerate(chunks):
+            rows_c = prompt.rows[c]
+            out[rows_c.start : rows_c.stop] = log_probs[b, : len(rows_c)]
+            if progress is not None:
+                progress(len(rows_c))
+    return out
+
+
 def decode_prompt(
     loaded: LoadedModel,
     prompt: ChunkedPrompt,
@@ -216,9 +277,16 @@ def decode_prompt(
     settings: RunSettings = RunSettings(),
     progress: Progress | None = None,
 ) -> list[DecodedChunk]:
-    """Greedy free generation of every chunk's answer (one `DecodedChunk` per chunk)."""
+    """Greedy free generation of every chunk's answer (one `DecodedChunk` per chunk).
+
+    Each chunk keeps the label-token log-probabilities at every generated position over
+    the first min(n_classes, 10) digit tokens: with more than 10 classes a label has
+    several tokens and those are first-digit distributions, not class distributions
+    (`answers.read_answer` then does not read classes from them).
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    n_digits = min(n_classes, MAX_LABELS)
     longest = max(len(q) for q in prompt.queries) - prompt.answer_head
     check_context(
         loaded, len(prompt.prefix) + longest + max_new_tokens, "the prompt of a chunk + answer"
@@ -245,7 +313,7 @@ def decode_prompt(
             jnp.asarray(loaded.eos_ids),
             jnp.int32(tok.pad_id),
             label_tokens,
-            jnp.int32(n_classes),
+            jnp.int32(n_digits),
             chunk=chunk,
             max_new_tokens=max_new_tokens,
         )
@@ -254,7 +322,7 @@ def decode_prompt(
             n = int(lengths[b])
             ended = bool(np.isin(tokens[b, n - 1], loaded.eos_ids))
             keep = n - 1 if ended else n
-            out[c] = DecodedChunk(tokens[b, :keep], label_lp[b, :keep, :n_classes], ended)
+            out[c] = DecodedChunk(tokens[b, :keep], label_lp[b, :keep, :n_digits], ended)
             if progress is not None:
                 progress(len(prompt.rows[c]))
     return [chunk for chunk in out if chunk is not None]

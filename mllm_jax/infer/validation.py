@@ -13,8 +13,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from mllm_jax.encoding.prompt import MAX_CLASSES
-
 
 class EmptyColumnWarning(UserWarning):
     """Columns missing in every shot were left out of the prompt."""
@@ -150,8 +148,9 @@ def drop_empty_columns(frame: pd.DataFrame, policy: str, what: str) -> list:
 
 
 def check_labels(y: object, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(classes [K] sorted, codes i64[rows] into them); raises on missing labels, a length
-    mismatch or more than MAX_CLASSES classes."""
+    """(classes [K] sorted, codes i64[rows] into them); raises on missing labels or a
+    length mismatch. Any number of classes: codes of 10 and above are printed as
+    integers, several tokens each (`mllm_jax.infer.labels`)."""
     if y is None:
         raise ValueError(
             "the classifier requires y to be passed, but the target y is None: pass the "
@@ -198,13 +197,6 @@ def check_labels(y: object, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         classes, codes = np.unique(labels, return_inverse=True)
     except TypeError as error:
         raise ValueError(f"y mixes label types that cannot be ordered ({error})") from None
-    if len(classes) > MAX_CLASSES:
-        shown = ", ".join(map(repr, classes[:12].tolist()))
-        raise ValueError(
-            f"y has {len(classes)} classes; the model answers with one digit token per "
-            f"class, so at most {MAX_CLASSES} are supported (classes: {shown}"
-            f"{', ...' if len(classes) > 12 else ''})"
-        )
     return classes, codes.astype(np.int64)
 
 

@@ -21,8 +21,10 @@ classes can be missing from them; methods then give those classes probability 0.
 the entry records the number actually used.
 
 Features are shown with columns shuffled per seed, `random.Random(seed).shuffle`, the
-reference's `col_shuffle`. Tables with more than `max_classes` classes are skipped with a
-recorded reason: the in-context learner has one label token per class, 0..9.
+reference's `col_shuffle`. Every table is planned whatever its number of classes (the
+in-context learner spells class codes of 10 and above with several tokens and scores them
+exactly, docs/infer.md); `max_classes` skips larger tables with a recorded reason, e.g.
+10 for the paper's limit of one label token per class.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Protocol:
     sampling: Sampling = "nested"
     test_chunk: int = 50  # "reference" sampling: test rows sharing one shot draw
     shuffle_columns: bool = True
-    max_classes: int = 10
+    max_classes: int | None = None  # skip tables with more classes (None: none skipped)
     max_test: int | None = None  # stratified subsample of the test split, for quick runs
 
     @classmethod
@@ -65,6 +67,8 @@ class Protocol:
             raise ValueError(f"sampling must be 'nested' or 'reference', got {self.sampling!r}")
         if self.test_chunk < 1:
             raise ValueError(f"test_chunk must be >= 1, got {self.test_chunk}")
+        if self.max_classes is not None and self.max_classes < 2:
+            raise ValueError(f"max_classes must be >= 2 or None, got {self.max_classes}")
         if self.max_test is not None and self.max_test < 1:
             raise ValueError(f"max_test must be >= 1 or None, got {self.max_test}")
 
@@ -218,12 +222,12 @@ def build_plan(
     entries: list[PlanEntry] = []
     skipped: list[Skipped] = []
     for dataset in datasets:
-        if dataset.n_classes > protocol.max_classes:
+        if protocol.max_classes is not None and dataset.n_classes > protocol.max_classes:
             skipped.append(
                 Skipped(
                     dataset.name,
-                    f"{dataset.n_classes} classes; in-context learners take at most "
-                    f"{protocol.max_classes} (one label token each)",
+                    f"{dataset.n_classes} classes, more than the protocol's max_classes "
+                    f"{protocol.max_classes}",
                 )
             )
             continue

@@ -162,6 +162,15 @@ def evaluate_entry(
     }
 
 
+def _comparable(protocol: Any) -> Any:
+    """A protocol as resuming compares it: without `max_classes`, which only decides which
+    tables are planned, never a recorded number (a run resumed with a larger limit, or
+    none, adds the tables skipped before; older run directories recorded 10)."""
+    if not isinstance(protocol, dict):
+        return protocol
+    return {k: v for k, v in protocol.items() if k != "max_classes"}
+
+
 def _check_run_directory(
     out_dir: Path, protocol: Protocol, datasets: Sequence[Dataset]
 ) -> dict[str, Any]:
@@ -171,7 +180,7 @@ def _check_run_directory(
     previous: dict[str, Any] = {}
     if run_path.exists():
         previous = json.loads(run_path.read_text(encoding="utf-8"))
-        if previous.get("protocol") != protocol.to_dict():
+        if _comparable(previous.get("protocol")) != _comparable(protocol.to_dict()):
             raise RunDirectoryError(
                 f"{out_dir} holds results of another protocol ({previous.get('protocol')}); "
                 f"this run uses {protocol.to_dict()}; choose a new output directory"
@@ -286,6 +295,8 @@ def run_evaluation(
         console.print(f"[yellow]{log_path}: dropping a partial last line (interrupted write)")
         repair_log(log_path, records)
     skipped_before = {s["dataset"]: s["reason"] for s in run_info.get("skipped", [])}
+    for planned in {entry.dataset for entry in plan.entries}:  # skipped before, run now
+        skipped_before.pop(planned, None)
     skipped_before.update({s.dataset: s.reason for s in plan.skipped})
     run_info["skipped"] = [{"dataset": d, "reason": r} for d, r in sorted(skipped_before.items())]
     write_json(out_dir / RUN_FILE, run_info)

@@ -116,11 +116,11 @@ def test_reference_sampling_replicates_data_chunk_prep(eucalyptus):
     assert all(ep.train.tolist() == expected for ep in whole.episodes)
 
 
-def test_too_many_classes_and_impossible_stratification_are_skipped_with_reasons():
+def test_max_classes_and_impossible_stratification_skip_with_reasons():
     yeast = load_csv(f"{DATA}/yeast.csv.gz")  # 10 classes: allowed
     rows = 40
     wide = from_frame(
-        pd.DataFrame({"x": np.arange(rows, dtype=float), "label": np.arange(rows) % 11}),
+        pd.DataFrame({"x": np.arange(88, dtype=float), "label": np.arange(88) % 11}),
         "label",
         name="eleven",
     )
@@ -130,10 +130,13 @@ def test_too_many_classes_and_impossible_stratification_are_skipped_with_reasons
         name="singleton",
     )
     plan = build_plan([yeast, wide, singleton], [8], [0])
+    assert {e.dataset for e in plan.entries} == {"yeast", "eleven"}  # any number of classes
+    reasons = {s.dataset: s.reason for s in plan.skipped}
+    assert "class 2 has 1 row" in reasons["singleton"]
+    plan = build_plan([yeast, wide], [8], [0], Protocol(max_classes=10))  # the paper's limit
     assert {e.dataset for e in plan.entries} == {"yeast"}
     reasons = {s.dataset: s.reason for s in plan.skipped}
-    assert reasons["eleven"].startswith("11 classes; in-context learners take at most 10")
-    assert "class 2 has 1 row" in reasons["singleton"]
+    assert reasons["eleven"] == "11 classes, more than the protocol's max_classes 10"
     # Without stratification the singleton table is fine.
     plan = build_plan([singleton], [8], [0], Protocol(stratify=False))
     assert len(plan.entries) == 1 and not plan.skipped

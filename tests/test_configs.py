@@ -131,6 +131,11 @@ def test_single_gpu_variants_follow_the_recipe(name):
             r"train\.stages\[1\]\.data: 'data/missing/\*\.array_record' reads corpus 'missing'",
         ),
         (
+            ["generate.prior.max_classes=20"],
+            r"train\.stages\[0\]\.data\.pipeline\.sampling\.max_classes is 10, below "
+            r"generate\.prior\.max_classes=20",
+        ),
+        (
             ["train.stages.1.data.shards=[data/full]"],
             r"'data/full' names the corpus directory; .* 'data/full/\*\.array_record'",
         ),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm_jax.assets import demo_config
+from mllm_jax.encoding.sampling import SamplingConfig
 from mllm_jax.filtering.config import FilterConfig
 from mllm_jax.foundation.config import (
     ConfigError,
@@ -198,6 +199,17 @@ class DemoConfig:
                         f"train.{where}: {pattern!r} reads corpus {corpus!r}, which "
                         f"generate.corpora does not make ({sorted(corpora)})"
                     )
+            # Prompts show up to the prior's classes; a lower sampling limit would stop
+            # training at the first such task, so say so at load.
+            sampling = data.pipeline.get("sampling") or {}
+            limit = sampling.get("max_classes", SamplingConfig().max_classes)
+            if any(_corpus_of(p) for p in data.shards) and self.generate.prior.max_classes > limit:
+                raise ValueError(
+                    f"train.{where}.pipeline.sampling.max_classes is {limit}, below "
+                    f"generate.prior.max_classes={self.generate.prior.max_classes}: prompts of "
+                    f"tasks with more classes cannot be encoded; set it to "
+                    f"{self.generate.prior.max_classes}"
+                )
 
 
 def _train_data(train: TrainConfig) -> list[tuple[str, DataConfig]]:

@@ -9,6 +9,12 @@ set the shots show), next to two baselines computed from the same prompts:
 
 Everything but the model's logits is fixed by the held-out batches, so the per-slot
 bookkeeping (which segment, which shots, which class) is done once on the host.
+
+These numbers are an argmax / softmax over the ten digit tokens, a distribution over
+classes only where every label is one digit. A prompt that shows a label of 10 and above
+(several digit tokens, more than 10 classes) is left out of them, all its label slots,
+and the slots left out are counted (`label_tokens_excluded`); its labels still count in
+the per-token answer numbers of `train.step.sums_metrics`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,17 @@ from mllm_jax.encoding.tokens import TokenKind
 LABEL, SHOT_LABEL = int(TokenKind.LABEL), int(TokenKind.SHOT_LABEL)
 SHOT_BUCKETS = (8, 16, 32, 64, 128)
 """Lower bounds of the shot-count buckets of the curve (the last is open above)."""
+
+
+def multi_token_segments(kind: np.ndarray, segment: np.ndarray) -> np.ndarray:
+    """The segment ids (prompts) of one row that show a label of several tokens: two
+    label tokens in a row (the host twin of `loss.one_token_prompts`).
+
+    kind, segment: i32[seq] token kinds and segment ids of one row. Returns i64[n].
+    """
+    label = (kind == LABEL) | (kind == SHOT_LABEL)
+    second = label[1:] & label[:-1]
+    return np.unique(segment[1:][second]).astype(np.int64)
 
 
 def bucket_name(shots: int) -> str:
@@ -47,6 +64,8 @@ class LabelSlots:
         classes: bool[n, C] the classes the slot's shots show.
         shot_counts: i64[n, C] how many shots show each class.
         shots: i64[n] shots in the slot's prompt.
+        excluded: label tokens among the slots that belong to prompts with labels of
+            several tokens (`multi_token_segments`), left out.
     """
 
     index: np.ndarray
@@ -54,6 +73,7 @@ class LabelSlots:
     classes: np.ndarray
     shot_counts: np.ndarray
     shots: np.ndarray
+    excluded: int = 0
 
 
 def label_slots(
@@ -62,23 +82,31 @@ def label_slots(
     """Finds the query-label slots of a stacked batch (arrays [micro, batch, seq]).
 
     Slots follow the eval step's gather: the first `budget` loss positions of each row.
-    A label spelled with more than one token (classes >= 10) is skipped here.
+    Prompts showing a label of several tokens (10 and above) are left out and their
+    label tokens counted (`LabelSlots.excluded`).
     """
     table = {token: i for i, token in enumerate(candidates)}
     n_c = len(candidates)
     rows: list[tuple[int, int, int]] = []
     labels, classes, counts, shots = [], [], [], []
+    excluded = 0
     for m, r in np.ndindex(*batch["loss_mask"].shape[:2]):
         mask = np.asarray(batch["loss_mask"][m, r], dtype=bool)
         kind = np.asarray(batch["token_kind"][m, r])
         targets = np.asarray(batch["targets"][m, r])
         segment = np.asarray(batch["segment_ids"][m, r])
+        multi = set(multi_token_segments(kind, segment).tolist())
         slot_positions = np.flatnonzero(mask)[:budget]
         per_segment: dict[int, np.ndarray] = {}
         for slot, position in enumerate(slot_positions):
-            if kind[position] != LABEL or int(targets[position]) not in table:
+            if kind[position] != LABEL:
                 continue
             seg = int(segment[position])
+            if seg in multi:
+                excluded += 1
+                continue
+            if int(targets[position]) not in table:
+                continue
             if seg not in per_segment:
                 shot_tokens = targets[(segment == seg) & (kind == SHOT_LABEL)]
                 hist = np.zeros(n_c, dtype=np.int64)
@@ -100,6 +128,7 @@ def label_slots(
             empty > 0,
             empty,
             np.zeros(0, np.int64),
+            excluded,
         )
     return LabelSlots(
         np.asarray(rows, dtype=np.int64),
@@ -107,6 +136,7 @@ def label_slots(
         np.asarray(classes, dtype=bool),
         np.asarray(counts, dtype=np.int64),
         np.asarray(shots, dtype=np.int64),
+        excluded,
     )
 
 
@@ -133,7 +163,8 @@ def shot_slots(
     batch: Mapping[str, np.ndarray], budget: int, candidates: tuple[int, ...]
 ) -> ShotSlots:
     """Finds the shot-label slots of a stacked batch (the first `budget` per row, as the
-    eval step gathers them); multi-token labels are skipped."""
+    eval step gathers them: the shot labels of prompts whose labels are all one token,
+    `loss.shot_label_mask`)."""
     table = {token: i for i, token in enumerate(candidates)}
     n_c = len(candidates)
     index, labels, classes, before = [], [], [], []
@@ -141,7 +172,8 @@ def shot_slots(
         kind = np.asarray(batch["token_kind"][m, r])
         targets = np.asarray(batch["targets"][m, r])
         segment = np.asarray(batch["segment_ids"][m, r])
-        positions = np.flatnonzero(kind == SHOT_LABEL)[:budget]
+        multi = multi_token_segments(kind, segment)
+        positions = np.flatnonzero((kind == SHOT_LABEL) & ~np.isin(segment, multi))[:budget]
         seen: dict[int, np.ndarray] = {}
         shown: dict[int, np.ndarray] = {}
         for slot, position in enumerate(positions):
@@ -205,11 +237,13 @@ def label_metrics(slots: LabelSlots, logits: np.ndarray) -> dict[str, object]:
     Returns `label_accuracy` and `label_loss` (over the classes the shots show),
     `majority_accuracy` and `prior_loss` (the shots' majority class and smoothed class
     frequencies), `label_slots`, and `by_shots`: {bucket: {slots, label_accuracy,
-    majority_accuracy}}. Empty slots give an empty dict.
+    majority_accuracy}}, and `label_tokens_excluded` when prompts with labels of several
+    tokens were left out. No slots give an empty dict (or only that count).
     """
     n = len(slots.label)
+    excluded = {"label_tokens_excluded": slots.excluded} if slots.excluded else {}
     if n == 0:
-        return {}
+        return excluded
     picked = np.asarray(logits, dtype=np.float64)[tuple(slots.index.T)]  # [n, C]
     masked = np.where(slots.classes, picked, -np.inf)
     top = masked.max(axis=1, keepdims=True)
@@ -233,4 +267,5 @@ def label_metrics(slots: LabelSlots, logits: np.ndarray) -> dict[str, object]:
         "prior_loss": float(prior_loss.mean()),
         "label_slots": n,
         "by_shots": by_shots,
+        **excluded,
     }

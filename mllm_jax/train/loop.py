@@ -151,6 +151,7 @@ class _Validation:
             "val_frame_loss": float(means["frame_loss"]),
             "val_shot_label_loss": float(means["shot_label_loss"]),
             "val_shot_label_accuracy": float(means["shot_label_accuracy"]),
+            **_excluded(means["shot_label_tokens_excluded"], "val_shot_label_tokens_excluded"),
         }
         labels = label_metrics(self.slots, slots["logits"])
         labels.update(shot_metrics(self.shot_slots, slots["shot_logits"]))
@@ -159,6 +160,12 @@ class _Validation:
 
 
 # ------------------------------------------------------------------------------ train
+
+
+def _excluded(count: Any, key: str) -> dict[str, int]:
+    """{key: count} when label tokens were left out of a digit-softmax metric (prompts
+    with labels of 10 and above, `loss.one_token_prompts`), else nothing."""
+    return {key: int(count)} if count else {}
 
 
 _LABEL_KEYS = (
@@ -512,6 +519,7 @@ class _Run:
                     "answer_tokens": int(values["answer_tokens"]),
                     "tokens": int(tokens),
                     **{k: values[k] for k in _LABEL_KEYS},
+                    **_excluded(values["shot_label_tokens_excluded"], "shot_label_tokens_excluded"),
                 }
                 if first:
                     entry["first_step_s"] = round(compile_s, 3)

@@ -19,6 +19,7 @@ import optax
 from mllm_jax.encoding.tokens import TokenKind
 
 N_KINDS = len(TokenKind)
+LABEL = int(TokenKind.LABEL)
 SHOT_LABEL = int(TokenKind.SHOT_LABEL)
 
 
@@ -26,8 +27,11 @@ class AnswerSums(NamedTuple):
     """Sums over the answer tokens of a batch (divide by `tokens` for means).
 
     `kind_*` split the same sums by the `TokenKind` of the target (index 1 frame, 2 label),
-    so label-only numbers are never hidden by the JSON frame. `shot_*` are over the shots'
-    label tokens, scored among the label candidates only (see `shot_label_sums`).
+    so label-only numbers are never hidden by the JSON frame; they are per token, so a
+    label of 10 and above counts once per digit. `shot_*` are over the shots' label tokens
+    of prompts whose labels are all one token, scored among the label candidates only;
+    `shot_excluded` counts the shot-label tokens of the other prompts (see
+    `shot_label_sums`).
     """
 
     loss: jax.Array  # f32[]: summed cross-entropy
@@ -39,11 +43,12 @@ class AnswerSums(NamedTuple):
     shot_loss: jax.Array  # f32[]
     shot_tokens: jax.Array  # f32[]
     shot_correct: jax.Array  # f32[]
+    shot_excluded: jax.Array  # f32[]: shot-label tokens of prompts with multi-token labels
 
 
 def zero_sums() -> AnswerSums:
     zero, kinds = jnp.zeros((), jnp.float32), jnp.zeros((N_KINDS,), jnp.float32)
-    return AnswerSums(zero, zero, zero, kinds, kinds, kinds, zero, zero, zero)
+    return AnswerSums(zero, zero, zero, kinds, kinds, kinds, zero, zero, zero, zero)
 
 
 def add_sums(a: AnswerSums, b: AnswerSums) -> AnswerSums:
@@ -111,6 +116,7 @@ def answer_loss_sums(
         shot_loss=zero,
         shot_tokens=zero,
         shot_correct=zero,
+        shot_excluded=zero,
     )
 
 
@@ -120,6 +126,35 @@ def candidate_index(labels: jax.Array, candidates: tuple[int, ...]) -> jax.Array
     return jnp.argmax(labels[..., None] == table, axis=-1).astype(jnp.int32)
 
 
+def one_token_prompts(token_kind: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """bool[batch, seq]: the tokens of prompts (segments) whose labels are all one token.
+
+    A label of 10 and above is several digit tokens, so in a prompt that shows one the
+    distribution over the ten digits at a label's first token is over first digits ("1"
+    stands for 1 and for 10-19), not over classes: softmax-over-digit metrics are defined
+    only for the other prompts. A multi-token label is found as two label tokens in a row
+    (labels are always separated by other tokens). token_kind, segment_ids: i32[batch, seq].
+    """
+    label = (token_kind == LABEL) | (token_kind == SHOT_LABEL)
+    second = label & jnp.pad(label[:, :-1], ((0, 0), (1, 0)))  # a label token after another
+    n = segment_ids.shape[1] + 1
+
+    def one_row(second_row: jax.Array, segments: jax.Array) -> jax.Array:
+        multi = jax.ops.segment_max(second_row.astype(jnp.int32), segments, num_segments=n)
+        return multi[segments] <= 0
+
+    return jax.vmap(one_row)(second, segment_ids)
+
+
+def shot_label_mask(token_kind: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """bool[batch, seq]: the shot-label tokens the shot-label loss scores (those of
+    prompts whose labels are all one token, `one_token_prompts`; segment_ids None: all)."""
+    shots = token_kind == SHOT_LABEL
+    if segment_ids is None:
+        return shots
+    return shots & one_token_prompts(token_kind, segment_ids)
+
+
 def shot_label_sums(
     hidden: jax.Array,
     targets: jax.Array,
@@ -127,24 +162,31 @@ def shot_label_sums(
     candidate_logits: Callable[[jax.Array], jax.Array],
     candidates: tuple[int, ...],
     budget: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(summed cross-entropy, count, correct) over the shots' label tokens.
+    segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(summed cross-entropy, count, correct, excluded) over the shots' label tokens.
 
     Each shot's label is predicted from its features and the shots before it: the
     in-context curve itself, with one label signal per shot instead of one per query.
     The softmax runs over the label candidates only (the digit tokens: `candidates`,
     `candidate_logits(h) -> f32[..., len(candidates)]`), so the LM head costs nothing
-    at these positions. hidden: [batch, seq, embed]; targets, token_kind: i32[batch, seq];
-    budget: shot-label slots per row (static; rows with more are cut at `budget`).
+    at these positions. That softmax is a distribution over classes only where every
+    label is one digit: with `segment_ids`, prompts showing a label of 10 and above are
+    left out (`one_token_prompts`) and their shot-label tokens counted in `excluded`
+    (their labels still get the answer loss, every digit). hidden: [batch, seq, embed];
+    targets, token_kind, segment_ids: i32[batch, seq]; budget: shot-label slots per row
+    (static; rows with more are cut at `budget`).
     """
-    positions, valid = answer_positions(token_kind == SHOT_LABEL, budget)
+    mask = shot_label_mask(token_kind, segment_ids)
+    excluded = jnp.sum((token_kind == SHOT_LABEL) & ~mask, dtype=jnp.float32)
+    positions, valid = answer_positions(mask, budget)
     picked = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)  # [B, K, E]
     labels = candidate_index(jnp.take_along_axis(targets, positions, axis=1), candidates)
     logits = candidate_logits(picked).astype(jnp.float32)  # [B, K, C]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     hit = jnp.argmax(logits, axis=-1) == labels
     weight = valid.astype(jnp.float32)
-    return jnp.sum(ce * weight), jnp.sum(weight), jnp.sum(hit * weight)
+    return jnp.sum(ce * weight), jnp.sum(weight), jnp.sum(hit * weight), excluded
 
 
 def full_logits_loss_sums(
@@ -164,6 +206,7 @@ def full_logits_loss_sums(
         frame.set(loss),
         frame.set(tokens),
         frame.set(correct),
+        zero,
         zero,
         zero,
         zero,

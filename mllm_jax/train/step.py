@@ -24,11 +24,11 @@ from mllm_jax.model.sharding import ActivationSharding, ShardingRules
 from mllm_jax.runs.state import SplitModel, replicated
 from mllm_jax.train.batches import batch_sharding
 from mllm_jax.train.loss import (
-    SHOT_LABEL,
     AnswerSums,
     add_sums,
     answer_loss_sums,
     answer_positions,
+    shot_label_mask,
     shot_label_sums,
     zero_sums,
 )
@@ -75,13 +75,23 @@ def _answer_sums(
         def candidate_logits(h: jax.Array) -> jax.Array:
             return model.logits_for(h, shots.candidates)
 
-        loss, count, correct = shot_label_sums(
-            hidden, micro["targets"], kind, candidate_logits, shots.candidates, shots.budget
+        segments = micro["segment_ids"]
+        loss, count, correct, excluded = shot_label_sums(
+            hidden,
+            micro["targets"],
+            kind,
+            candidate_logits,
+            shots.candidates,
+            shots.budget,
+            segments,
         )
-        sums = sums._replace(shot_loss=loss, shot_tokens=count, shot_correct=correct)
+        sums = sums._replace(
+            shot_loss=loss, shot_tokens=count, shot_correct=correct, shot_excluded=excluded
+        )
         if slots:
             positions, _ = answer_positions(micro["loss_mask"], budget)
-            shot_positions, _ = answer_positions(kind == SHOT_LABEL, shots.budget)
+            # the same slots as the shot-label loss (`label_metrics.shot_slots` follows)
+            shot_positions, _ = answer_positions(shot_label_mask(kind, segments), shots.budget)
 
             def at(where: jax.Array) -> jax.Array:
                 return candidate_logits(jnp.take_along_axis(hidden, where[:, :, None], axis=1))
@@ -112,7 +122,9 @@ def objective(sums: AnswerSums, shot_weight: float) -> jax.Array:
 
 def sums_metrics(sums: AnswerSums) -> dict[str, jax.Array]:
     """Means of the sums: loss/accuracy over all answer tokens, and label-only, frame-only
-    and shot-label numbers (NaN where a kind had no tokens)."""
+    and shot-label numbers (NaN where a kind had no tokens). Label numbers are per token
+    (a label of 10 and above counts once per digit); shot-label numbers leave out prompts
+    with such labels and count their tokens (`shot_label_tokens_excluded`)."""
 
     def mean(total: jax.Array, count: jax.Array) -> jax.Array:
         return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
@@ -129,6 +141,8 @@ def sums_metrics(sums: AnswerSums) -> dict[str, jax.Array]:
         "label_tokens": sums.kind_tokens[LABEL],
         "shot_label_loss": mean(sums.shot_loss, sums.shot_tokens),
         "shot_label_accuracy": mean(sums.shot_correct, sums.shot_tokens),
+        # shot-label tokens of prompts with labels of 10 and above: not in the two above
+        "shot_label_tokens_excluded": sums.shot_excluded,
     }
 
 

@@ -40,6 +40,7 @@ def one_row_batch():
     add(1, 2, DIGITS[0])
     add(1, 1, 202)
     for label in (2, 2, 2, 2, 0, 0, 0, 0, 0, 2):
+        add(2, 0, 100)  # labels are never adjacent: two in a row are one label's digits
         add(2, 3, DIGITS[label])
     add(2, 1, 200)
     add(2, 2, DIGITS[0])
@@ -128,10 +129,11 @@ def test_shot_label_sums_equal_a_brute_force_softmax_over_the_candidates(model):
         kind == 3, rng.choice(candidates, size=(2, 40)), rng.integers(0, 64, (2, 40))
     )
     hidden = jax.random.normal(jax.random.key(1), (2, 40, model.config.hidden_size))
-    loss, count, correct = shot_label_sums(
+    loss, count, correct, excluded = shot_label_sums(
         hidden, jnp.asarray(targets), jnp.asarray(kind),
         lambda h: model.logits_for(h, candidates), candidates, budget=40,
     )  # fmt: skip
+    assert float(excluded) == 0  # without segment ids nothing is left out
     full = np.asarray(model.logits(hidden))[..., list(candidates)]
     where = kind == 3
     labels = np.searchsorted(candidates, targets[where])

@@ -104,6 +104,10 @@ def test_spelling_and_closers(loaded, backend):
     for c in (0, 7, 10, 14):
         spelled = spelling.tokens[c, : spelling.lengths[c]].tolist()
         assert spelled == backend.encode(str(c)).ids
+    wide = label_spelling(tok, 120)  # three-digit codes: any length is laid out alike
+    assert wide.width == 3 and wide.lengths[[9, 10, 99, 100, 119]].tolist() == [1, 2, 2, 3, 3]
+    right, mask = wide.right_aligned()
+    assert right[105].tolist() == backend.encode("105").ids and mask[7].tolist() == [0, 0, 1]
     closers = answer_closers(tok, 3)
     assert [backend.decode([t]) for t in closers] == ["},", "},", "}]"]
     # "1" and "12" share their first token; the closing token tells them apart

@@ -22,7 +22,8 @@ def test_bench_infer_scores_like_transformers(capsys):
     assert record["ratio"] == round(record["ours"] / record["reference"], 3)
     assert record["max_prob_diff"] < 1e-5 and record["same_predictions"] == 1.0
     assert record["ablation_no_reuse"]["max_prob_diff"] < 1e-5
-    assert set(record["cpu_seconds"]) == {"reuse", "no_reuse", "transformers"}
+    assert {"reuse", "no_reuse", "transformers"} <= set(record["cpu_seconds"])
+    assert "1 threads (best of [1])" in record["reference_impl"]
 
 
 def test_transformers_scoring_reads_the_label_logits_slot_by_slot():

@@ -1,7 +1,9 @@
 """Benchmarks and calibration of the random-forest filters (docs/filtering.md).
 
-    pool        filter pool tasks/s vs a serial loop of plain scikit-learn forests on the
-                same pre-generated tasks, plus scaling efficiency (JSON line last)
+    pool        filter pool tasks/s vs plain scikit-learn forests with scikit-learn's own
+                parallelism (n_jobs = cores) on the same pre-generated tasks; the serial
+                scikit-learn loop and our filter in one process as ablations, plus
+                scaling efficiency (JSON line last)
     forest      accept/reject agreement and speed of candidate forests vs a large forest
     thresholds  metric distributions on prior tasks vs the same tasks with permuted labels
     accept      acceptance rate, rejections by reason, consensus keep-rate (defaults)
@@ -12,6 +14,7 @@ reference prior (tabicl 0.1.4, i.i.d. draws); ``--source`` picks one and ``--cac
 keeps them in an .npz so repeated runs filter the same tasks.
 
     .venv/bin/python tools/bench_filter.py pool              # 40 tabicl tasks, 3 repeats
+    .venv/bin/python tools/bench_filter.py pool --no-ablations   # pool vs scikit-learn only
     .venv/bin/python tools/bench_filter.py pool --source prior --cache /tmp/ours.npz
 """
 
@@ -192,11 +195,13 @@ def _pool_results(pool: FilterPool, tasks: Iterable, total: int | None = None) -
 # ----------------------------------------------------------------------------- pool
 
 
-def reference_filter(task: Task, config: FilterConfig) -> bool:
+def reference_filter(task: Task, config: FilterConfig, n_jobs: int = 1) -> bool:
     """The plain way: a scikit-learn forest and scikit-learn's metrics, one task at a time.
 
     Same forest settings and acceptance rules as ours; consensus with
-    ``cross_val_predict`` over a shuffled ``StratifiedKFold``.
+    ``cross_val_predict`` over a shuffled ``StratifiedKFold``. ``n_jobs`` is the forest's
+    (scikit-learn fits and predicts its trees in that many threads); the forests, and so
+    the decisions, do not depend on it (``random_state`` fixes every tree's seed).
     """
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score
@@ -208,7 +213,7 @@ def reference_filter(task: Task, config: FilterConfig) -> bool:
             max_depth=config.max_depth,
             max_features=config.max_features,
             min_samples_leaf=config.min_samples_leaf,
-            n_jobs=1,
+            n_jobs=n_jobs,
             random_state=0,
         )
 
@@ -256,13 +261,23 @@ def _schedstat(pids: set[int]) -> dict[int, tuple[int, int]]:
 
 
 def bench_pool(args: argparse.Namespace) -> None:
-    """Pool vs one process vs the plain scikit-learn loop, interleaved ``--repeats`` times.
+    """Pool vs scikit-learn's own parallelism, interleaved ``--repeats`` times.
+
+    The peer (``reference``) is what a user would otherwise run: the plain scikit-learn
+    filter (``reference_filter``) with ``n_jobs`` = ``--reference-jobs`` (default: the
+    cores), one task after another. Two ablations run beside it on the same tasks: our
+    filter in one process (``single_process``, for the pool's scaling efficiency) and the
+    plain filter single-threaded (``ablation_serial_loop``). The plain filter's decisions
+    with and without threads must be identical (same seeds; checked, else the run fails).
 
     Wall-clock rates give the headline numbers. Because the machine may be shared, CPU
     accounting is reported too: ``busy_fraction`` = worker CPU / (workers x wall), i.e.
     how much of the cores the workers actually got, and ``cpu_scaling_efficiency`` = CPU
     per task in one process / (worker + parent CPU per task in the pool), i.e. the share
     of the pool's CPU that is filtering work rather than hand-off overhead.
+    ``ratio_cpu`` = the peer's CPU seconds per task (all its threads) / the pool's
+    (workers + parent); ``reference_busy_fraction`` = the peer's CPU / (n_jobs x wall),
+    how much of its cores scikit-learn's threads kept busy.
 
     ``runnable_fraction`` (Linux only; from the second repeat on) = the share of the wall
     time each worker was running or waiting for a core, from /proc/PID/schedstat; the rest
@@ -275,12 +290,13 @@ def bench_pool(args: argparse.Namespace) -> None:
     task_seconds = time.perf_counter() - started
     n = len(tasks)
     config = FilterConfig(consensus=args.consensus)
-    workers = args.workers
-    runs: dict[str, list[dict]] = {"pool": [], "single": [], "reference": []}
+    workers, jobs = args.workers, args.reference_jobs
+    runs: dict[str, list[dict]] = {"pool": [], "single": [], "serial": [], "reference": []}
     runnable: list[float] = []
     pids: set[int] = set()
     with FilterPool(config, workers=workers) as pool:
         pool.warm_up()
+        reference_filter(tasks[0], config, n_jobs=jobs)  # imports, thread pool start
         for repeat in range(args.repeats):
             before = _schedstat(pids)
             items, wall, parent_cpu = _timed(lambda: list(pool.imap(_progress(tasks, "pool"))))
@@ -304,63 +320,107 @@ def bench_pool(args: argparse.Namespace) -> None:
                     "wall": wall,
                 }
             )
-            _, wall, cpu = _timed(
-                lambda: [apply_filters(t, config) for t in _progress(tasks, "one process")]
-            )
-            runs["single"].append({"rate": n / wall, "cpu": cpu / n})
+            if args.ablations:
+                _, wall, cpu = _timed(
+                    lambda: [apply_filters(t, config) for t in _progress(tasks, "one process")]
+                )
+                runs["single"].append({"rate": n / wall, "cpu": cpu / n})
+                serial, wall, cpu = _timed(
+                    lambda: [reference_filter(t, config) for t in _progress(tasks, "serial loop")]
+                )
+                runs["serial"].append({"rate": n / wall, "cpu": cpu / n})
             reference, wall, cpu = _timed(
-                lambda: [reference_filter(t, config) for t in _progress(tasks, "reference")]
+                lambda: [
+                    reference_filter(t, config, n_jobs=jobs)
+                    for t in _progress(tasks, f"scikit-learn n_jobs={jobs}")
+                ]
             )
-            runs["reference"].append({"rate": n / wall, "cpu": cpu / n})
+            runs["reference"].append({"rate": n / wall, "cpu": cpu / n, "wall": wall})
+            if args.ablations and serial != reference:
+                raise RuntimeError(
+                    f"scikit-learn with n_jobs={jobs} decided differently from n_jobs=1 on "
+                    f"{sum(a != b for a, b in zip(serial, reference, strict=True))} tasks"
+                )
             agreement = float(
                 np.mean([r.accepted == a for r, a in zip(ours, reference, strict=True)])
             )
-            _log({"repeat": repeat, **{k: round(v[-1]["rate"], 3) for k, v in runs.items()}})
+            _log({"repeat": repeat, **{k: round(v[-1]["rate"], 3) for k, v in runs.items() if v}})
 
     def rates(name: str) -> list[float]:
         return [run["rate"] for run in runs[name]]
 
-    efficiency = [
-        p["rate"] / (workers * s["rate"]) for p, s in zip(runs["pool"], runs["single"], strict=True)
-    ]
-    cpu_efficiency = [
-        s["cpu"] / p["cpu"] for p, s in zip(runs["pool"], runs["single"], strict=True)
-    ]
+    def median(name: str, key: str = "rate") -> float:
+        return statistics.median(run[key] for run in runs[name])
+
     busy = [p["worker_cpu"] / (workers * p["wall"]) for p in runs["pool"]]
     parent_share = [p["parent_cpu"] / (p["worker_cpu"] + p["parent_cpu"]) for p in runs["pool"]]
-    pool_rate = statistics.median(rates("pool"))
-    reference_rate = statistics.median(rates("reference"))
-    _log(
+    reference_busy = [r["cpu"] * n / (jobs * r["wall"]) for r in runs["reference"]]
+    cpu_ratio = [r["cpu"] / p["cpu"] for p, r in zip(runs["pool"], runs["reference"], strict=True)]
+    pool_rate, reference_rate = median("pool"), median("reference")
+    record: dict = {
+        "name": "filter_pool",
+        "ours": round(pool_rate, 3),
+        "reference": round(reference_rate, 3),
+        "unit": "tasks/s",
+        "ratio": round(pool_rate / reference_rate, 3),
+        "ratio_cpu": round(statistics.median(cpu_ratio), 3),
+        "reference_impl": f"scikit-learn {_sklearn_version()} RandomForestClassifier "
+        f"n_jobs={jobs}, one task after another",
+        "reference_jobs": jobs,
+        "pool_range": _span(rates("pool")),
+        "reference_range": _span(rates("reference")),
+        "busy_fraction": round(statistics.median(busy), 3),
+        "reference_busy_fraction": round(statistics.median(reference_busy), 3),
+        "parent_cpu_share": round(statistics.median(parent_share), 4),
+        "runnable_fraction": round(statistics.median(runnable), 3) if runnable else None,
+    }
+    if args.ablations:
+        efficiency = [
+            p["rate"] / (workers * s["rate"])
+            for p, s in zip(runs["pool"], runs["single"], strict=True)
+        ]
+        cpu_efficiency = [
+            s["cpu"] / p["cpu"] for p, s in zip(runs["pool"], runs["single"], strict=True)
+        ]
+        record.update(
+            {
+                # Ablation: the same plain filter single-threaded (not a peer: nobody
+                # would leave scikit-learn's n_jobs at 1 on a multi-core machine).
+                "ablation_serial_loop": {
+                    "rate": round(median("serial"), 3),
+                    "range": _span(rates("serial")),
+                    "ratio": round(pool_rate / median("serial"), 3),
+                    "reference_speedup": round(reference_rate / median("serial"), 3),
+                },
+                "scaling_efficiency": round(statistics.median(efficiency), 3),
+                "scaling_efficiency_range": _span(efficiency),
+                "single_process": round(median("single"), 3),
+                "single_process_range": _span(rates("single")),
+                "cpu_scaling_efficiency": round(statistics.median(cpu_efficiency), 3),
+                "projected_scaling_efficiency": (
+                    round(statistics.median(runnable) * statistics.median(cpu_efficiency), 3)
+                    if runnable
+                    else None
+                ),
+            }
+        )
+    record.update(
         {
-            "name": "filter_pool",
-            "ours": round(pool_rate, 3),
-            "reference": round(reference_rate, 3),
-            "unit": "tasks/s",
-            "ratio": round(pool_rate / reference_rate, 3),
-            "scaling_efficiency": round(statistics.median(efficiency), 3),
-            "scaling_efficiency_range": _span(efficiency),
-            "single_process": round(statistics.median(rates("single")), 3),
-            "pool_range": _span(rates("pool")),
-            "single_process_range": _span(rates("single")),
-            "reference_range": _span(rates("reference")),
-            "cpu_scaling_efficiency": round(statistics.median(cpu_efficiency), 3),
-            "busy_fraction": round(statistics.median(busy), 3),
-            "parent_cpu_share": round(statistics.median(parent_share), 4),
-            "runnable_fraction": round(statistics.median(runnable), 3) if runnable else None,
-            "projected_scaling_efficiency": (
-                round(statistics.median(runnable) * statistics.median(cpu_efficiency), 3)
-                if runnable
-                else None
-            ),
-            "cpu_seconds_per_task": {
-                k: round(statistics.median(run["cpu"] for run in v), 4) for k, v in runs.items()
-            },
+            "cpu_seconds_per_task": {k: round(median(k, "cpu"), 4) for k, v in runs.items() if v},
             "decision_agreement_with_reference": agreement,
+            "reference_decisions_equal_serial": (serial == reference) if args.ablations else None,
             "repeats": args.repeats,
             "task_generation_seconds": round(task_seconds, 1),
             **_settings(args, source, config),
         }
     )
+    _log(record)
+
+
+def _sklearn_version() -> str:
+    import sklearn
+
+    return sklearn.__version__
 
 
 # ----------------------------------------------------------------------------- forest
@@ -631,6 +691,18 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--consensus", action=argparse.BooleanOptionalAction, default=True)
         p.add_argument("--repeats", type=int, default=3)
         p.add_argument("--reference-trees", type=int, default=200)
+        p.add_argument(
+            "--reference-jobs",
+            type=int,
+            default=default_workers(),
+            help="pool: n_jobs of the scikit-learn peer (default: the cores)",
+        )
+        p.add_argument(
+            "--ablations",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="pool: also run our filter in one process and the serial scikit-learn loop",
+        )
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--permutations", type=int, default=3, help="null draws per task")
         p.add_argument(

@@ -5,11 +5,19 @@ prompt prefix, in chunks of `--chunk-size` rows, `--batch-size` chunks per model
 
 - ours: the prefix prefilled once, its KV cache shared by every chunk (no copy), the
   answer scored slot by slot with an incremental cache;
-- reference: the same scoring, but the whole prompt (prefix included) encoded again for
-  every chunk, as a server without prefix caching runs the reference's prompts. Every
-  chunk is then an independent call of the same shape and cost, so its rate is measured
-  on the first `--reference-chunks` chunks (default 1 of 4: the full 200 rows take
-  ~5x ours, which would put the default run over 3 minutes);
+- reference (the peer): transformers' PyTorch Qwen2ForCausalLM on the same weights
+  (our random model exported with `save_hf`, loaded with `from_pretrained`, float32,
+  sdpa attention), with its own prefix KV-cache reuse: the prefix runs once with
+  `use_cache=True`, every chunk continues from a `copy.deepcopy` of its `DynamicCache`,
+  and the answer is teacher-forced slot by slot the same way (the label-token logits at
+  each slot, the argmax written into it, the fixed tokens up to the next slot appended
+  in one call, `logits_to_keep=1`). Timed on all chunks, prefix included, like ours.
+  Its class probabilities must equal ours within `--tolerance` (else the run fails);
+- no_reuse (an ablation, not a peer): our scoring with the whole prompt (prefix
+  included) encoded again for every chunk, as a server without prefix caching runs the
+  reference's prompts. Every chunk is then an independent call of the same shape and
+  cost, so its rate is measured on the first `--reference-chunks` chunks (default 1 of
+  4: the full 200 rows take ~5x ours);
 - generate: free greedy generation of the JSON answer with the prefix reused (the JSON
   mode), the full answer length (a random model never stops early, so its budget is set
   to the length of a complete answer, what a trained model writes);
@@ -22,12 +30,15 @@ shared-prefix attention of a batch of B > 1 rows about 2x slower per key than ba
 (see docs/infer.md); on a GPU use `--batch-size 4`.
 
 Every mode is first called on one chunk (compiling the programs every chunk uses), then
-timed (best of `--repeats`, default 1); the label probabilities of ours and the
-reference are checked to agree on the rows both scored, in the same run.
+timed (best of `--repeats`, default 1); the label probabilities of ours, transformers'
+and the no-reuse ablation are checked to agree on the rows each scored, in the same run.
+JAX uses all the cores; torch is timed at each of `--threads` (default 1 and the CPU
+count) and the peer is reported at its fastest: on a loaded machine torch's second
+thread mostly waits for a core, and one thread can be several times faster.
 
     .venv/bin/python tools/bench_infer.py                       # CPU, tiny model
     python tools/bench_infer.py --preset qwen2.5-7b --dtype bfloat16 --attention-backend xla \\
-        --attention-query-chunk 128 --batch-size 4              # GPU, a 7B-shaped model
+        --attention-query-chunk 128 --batch-size 4 --no-transformers   # GPU, 7B-shaped
 
 The last line printed is one JSON object.
 """
@@ -69,7 +80,66 @@ def best_time(fn, repeats: int) -> tuple[float, float, object]:
     return best, best_cpu, out
 
 
-def main() -> None:
+def load_transformers(model, threads: int, dtype: str):
+    """Our model's weights in transformers' Qwen2ForCausalLM (`dtype`, sdpa attention):
+    exported with `save_hf` into a temporary directory, loaded with `from_pretrained`."""
+    import tempfile
+
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from mllm_jax.model import save_hf
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, f"{tmp}/model", dtype=dtype)
+        hf = Qwen2ForCausalLM.from_pretrained(
+            f"{tmp}/model", dtype=getattr(torch, dtype), attn_implementation="sdpa"
+        )
+    return hf.eval()
+
+
+def transformers_scoring(hf, prompt, frame, label_ids: np.ndarray, n_classes: int) -> np.ndarray:
+    """The peer: label log-probabilities f32[rows, n_classes] of every test row with
+    transformers' own prefix KV-cache reuse.
+
+    The prefix runs once into a `DynamicCache`; each chunk continues from a deep copy of
+    it (the prefix's keys and values are never recomputed). At slot k the label tokens'
+    logits give row k's distribution; its argmax (the model's greedy label, as ours) is
+    written into the slot and the fixed tokens up to slot k + 1 follow in one call.
+    """
+    import copy
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    # transformers 5.x renames `past_key_values` to `cache` (the old name is deprecated).
+    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    labels = torch.as_tensor(label_ids[:n_classes], dtype=torch.long)
+
+    def call(ids, cache) -> torch.Tensor:
+        ids = torch.as_tensor(np.asarray(ids, np.int64)[None])
+        out = hf(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: cache})
+        return torch.log_softmax(out.logits[0, -1, labels].float(), dim=-1)
+
+    out = np.zeros((prompt.rows[-1].stop, n_classes), np.float32)
+    with torch.inference_mode():
+        prefix = DynamicCache(config=hf.config)
+        call(prompt.prefix, prefix)
+        for c, rows in enumerate(prompt.rows):
+            cache = copy.deepcopy(prefix)
+            log_probs = call(prompt.queries[c], cache)
+            for k in range(len(rows)):
+                out[rows.start + k] = log_probs.numpy()
+                if k + 1 < len(rows):
+                    step = frame.ids[frame.slots[k] : frame.slots[k + 1]].copy()
+                    step[0] = label_ids[int(torch.argmax(log_probs))]
+                    log_probs = call(step, cache)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--dtype", default="float32")
@@ -87,15 +157,33 @@ def main() -> None:
         "--reference-chunks",
         type=int,
         default=1,
-        help="Chunks the no-reuse reference is timed on (0: all).",
+        help="Chunks the no-reuse ablation is timed on (0: all).",
+    )
+    parser.add_argument(
+        "--no-transformers",
+        action="store_true",
+        help="Skip the transformers peer (e.g. a 7B-shaped model: torch here is CPU-only).",
+    )
+    parser.add_argument(
+        "--threads",
+        default=f"1,{os.cpu_count() or 1}",
+        help="torch thread counts the peer is timed with (comma list); it is reported at "
+        "its fastest (on a loaded machine 1 thread can beat 2: idle threads wait for cores).",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="Largest |p_ours - p_transformers| accepted (float32: ~1e-6 is typical).",
     )
     parser.add_argument("--no-generate", action="store_true", help="Skip the generation modes.")
     parser.add_argument(
         "--generate-no-reuse", action="store_true", help="Also time generation without reuse."
     )
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     load_start = os.getloadavg()[0]
+    threads = sorted({int(n) for n in str(args.threads).split(",")})
 
     overrides = dict(
         param_dtype=args.dtype,
@@ -108,7 +196,8 @@ def main() -> None:
         overrides.update(vocab_size=151936, tie_word_embeddings=True, initializer_range=0.2)
     config = preset(args.preset, **overrides)
     start = time.perf_counter()
-    loaded = from_model(init_model(config, args.seed))
+    model = init_model(config, args.seed)
+    loaded = from_model(model)
     log(
         f"model {args.preset}: {config.num_parameters() / 1e6:.1f}M parameters "
         f"({time.perf_counter() - start:.1f} s)"
@@ -138,11 +227,12 @@ def main() -> None:
         """`p` cut to its first `n` chunks (a prompt of its own; same shapes)."""
         return dataclasses.replace(p, queries=p.queries[:n], rows=p.rows[:n])
 
-    def run(name, fn, timed):
-        """Times `fn(timed)` after a first call on one chunk, which compiles the same
-        programs (every chunk has the shapes of the first) at a fraction of the cost."""
+    def run(name, fn, timed, warm=None):
+        """Times `fn(timed)` after a first call on one chunk (or `warm`), which compiles
+        the same programs (every chunk has the shapes of the first) at a fraction of the
+        cost."""
         start = time.perf_counter()
-        fn(first(timed, 1))
+        fn(first(timed, 1) if warm is None else warm)
         compile_s = time.perf_counter() - start
         seconds, cpu, out = best_time(lambda: fn(timed), args.repeats)
         rows = timed.rows[-1].stop
@@ -164,6 +254,48 @@ def main() -> None:
 
     answer_tokens = len(answer_frame(loaded.prompt_tokenizer, args.chunk_size).ids) + 3
     frame = answer_frame(loaded.prompt_tokenizer, args.chunk_size)
+    peer: dict = {}
+
+    def rate(name: str) -> float | None:  # JSON has no NaN: modes not run are null
+        return round(results[name], 3) if name in results else None
+
+    if not args.no_transformers:
+        import torch
+        import transformers
+
+        start = time.perf_counter()
+        hf = load_transformers(model, threads[0], args.dtype)
+        log(f"transformers model loaded ({time.perf_counter() - start:.1f} s)")
+        label_ids = np.asarray(loaded.prompt_tokenizer.digit_ids)
+        warm = dataclasses.replace(first(prompt, 1), prefix=prompt.prefix[:256])
+        gaps, same = [], []
+        for n in threads:  # the peer is its best thread count
+            torch.set_num_threads(n)
+            theirs = run(
+                f"transformers_{n}_threads",
+                lambda p: transformers_scoring(hf, p, frame, label_ids, args.classes),
+                prompt,
+                warm,
+            )
+            gaps.append(float(np.abs(np.exp(ours) - np.exp(theirs)).max()))
+            same.append(float(np.mean(ours.argmax(-1) == theirs.argmax(-1))))
+        best = max(threads, key=lambda n: results[f"transformers_{n}_threads"])
+        results["transformers"] = results[f"transformers_{best}_threads"]
+        cpu_seconds["transformers"] = cpu_seconds[f"transformers_{best}_threads"]
+        peer = {
+            "max_prob_diff": max(gaps),
+            "same_predictions": min(same),
+            "impl": f"transformers {transformers.__version__} torch {torch.__version__} "
+            f"attn={hf.config._attn_implementation}, DynamicCache copied per chunk, "
+            f"{best} threads (best of {threads})",
+            "by_threads": {n: rate(f"transformers_{n}_threads") for n in threads},
+        }
+        log(f"max |p_reuse - p_transformers| = {peer['max_prob_diff']:.2e}")
+        if not peer["max_prob_diff"] <= args.tolerance:
+            raise SystemExit(
+                f"ours and transformers disagree: max probability difference "
+                f"{peer['max_prob_diff']:.3g} > --tolerance {args.tolerance:g}"
+            )
     answer_total = len(query_tokens) * int(frame.slots[-1] - frame.slots[0])
     if not args.no_generate:
         run(
@@ -178,26 +310,42 @@ def main() -> None:
             ref_prompt,
         )
 
-    def rate(name: str) -> float | None:  # JSON has no NaN: modes not run are null
-        return round(results[name], 3) if name in results else None
-
     load_end = os.getloadavg()[0]
     record = {
         "name": "infer_label_scoring",
         "ours": rate("reuse"),
-        "reference": rate("no_reuse"),
+        "reference": rate("transformers"),
         "unit": "query rows/s",
-        "ratio": round(results["reuse"] / results["no_reuse"], 3),
+        "ratio": (
+            round(results["reuse"] / results["transformers"], 3)
+            if "transformers" in results
+            else None
+        ),
+        # CPU seconds per mode for all the queries (the ablation's scaled from the rows it
+        # was timed on); ratio_cpu = the peer's / ours
+        "cpu_seconds": {k: round(v, 2) for k, v in cpu_seconds.items()},
+        "ratio_cpu": (
+            round(cpu_seconds["transformers"] / cpu_seconds["reuse"], 3)
+            if "transformers" in cpu_seconds
+            else None
+        ),
+        "max_prob_diff": peer.get("max_prob_diff"),
+        "same_predictions": peer.get("same_predictions"),
+        "reference_impl": peer.get("impl"),
+        "reference_by_threads": peer.get("by_threads"),
+        # Ablation (not a peer): our scoring re-encoding the whole prompt per chunk.
+        "ablation_no_reuse": {
+            "rate": rate("no_reuse"),
+            "ratio": round(results["reuse"] / results["no_reuse"], 3),
+            "ratio_cpu": round(cpu_seconds["no_reuse"] / cpu_seconds["reuse"], 3),
+            "max_prob_diff": max_diff,
+            "rows_timed": ref_rows,
+        },
         "generate": rate("generate"),
         "ratio_vs_generate": (
             round(results["reuse"] / results["generate"], 3) if "generate" in results else None
         ),
         "generate_no_reuse": rate("generate_no_reuse"),
-        # CPU seconds per mode for all the queries (the reference's scaled from the rows
-        # it was timed on)
-        "cpu_seconds": {k: round(v, 2) for k, v in cpu_seconds.items()},
-        "ratio_cpu": round(cpu_seconds["no_reuse"] / cpu_seconds["reuse"], 3),
-        "max_prob_diff": max_diff,
         # Tokens through the model per mode (answers included): the ratio a model whose
         # cost is linear in tokens would show; attention makes long prompts cost more.
         "tokens_reuse": len(prompt.prefix) + sum(query_tokens) + answer_total,
@@ -218,7 +366,7 @@ def main() -> None:
         "prefill_chunk": args.prefill_chunk,
         "attention_query_chunk": args.attention_query_chunk,
         "repeats": args.repeats,
-        "reference_rows_timed": ref_rows,
+        "threads": threads,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
         "host": platform.node(),

@@ -82,8 +82,15 @@ def _instrument_reference() -> dict:
     return last
 
 
-def sample_reference(count: int, seed: int, max_features: int = 50, rows: int = 1024):
-    """Yields (X, y, n_train, categorical, info) for `count` i.i.d. reference tasks."""
+def sample_reference(
+    count: int,
+    seed: int,
+    max_features: int = 50,
+    rows: int = 1024,
+    prior_type: str = "mix_scm",
+):
+    """Yields (X, y, n_train, categorical, info) for `count` i.i.d. reference tasks
+    (`prior_type`: "mix_scm", or one family: "mlp_scm", "tree_scm")."""
     import torch
     from tabicl.prior.dataset import PriorDataset
 
@@ -95,7 +102,7 @@ def sample_reference(count: int, seed: int, max_features: int = 50, rows: int = 
     prior = PriorDataset(
         batch_size=1,
         batch_size_per_gp=1,
-        prior_type="mix_scm",
+        prior_type=prior_type,
         min_features=5,
         max_features=max_features,
         max_classes=10,

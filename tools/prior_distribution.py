@@ -1,4 +1,4 @@
-"""Our prior against the reference prior (tabicl 0.1.4) on the five task statistics.
+"""Our prior against the reference prior (tabicl 0.1.4) on nine task statistics.
 
 Generates `--count` tasks of the default `PriorConfig` (seed `--seed`), computes
 `mllm_jax.prior.stats.task_statistics` for each and compares them with the committed

@@ -1,4 +1,4 @@
-"""The five task statistics on which our prior is compared with the reference prior.
+"""The task statistics on which our prior is compared with the reference prior.
 
 Computed identically on our tasks and on tasks sampled from ``tabicl==0.1.4`` (see
 ``tools/make_prior_fixture.py``), then compared per statistic with a two-sample KS test.
@@ -13,7 +13,11 @@ from sklearn.ensemble import RandomForestClassifier
 STATISTICS = (
     "n_classes",
     "class_entropy",
+    "n_features",
+    "train_fraction",
     "categorical_fraction",
+    "feature_abs_skewness",
+    "feature_distinct_fraction",
     "mean_abs_label_corr",
     "rf_accuracy",
 )
@@ -40,8 +44,11 @@ def task_statistics(
 
     Returns:
         ``n_classes`` (distinct labels), ``class_entropy`` (entropy of the label
-        frequencies divided by log of the number of classes), ``categorical_fraction``,
-        ``mean_abs_label_corr`` (mean over columns of |Pearson r| with the integer label,
+        frequencies divided by log of the number of classes), ``n_features``,
+        ``train_fraction`` (``n_train`` / rows), ``categorical_fraction``,
+        ``feature_abs_skewness`` (median over columns of |sample skewness|, 0 for constant
+        columns), ``feature_distinct_fraction`` (mean over columns of distinct values /
+        rows), ``mean_abs_label_corr`` (mean over columns of |Pearson r| with the integer label,
         0 for constant columns) and, with ``rf``, ``rf_accuracy`` (test accuracy of a
         30-tree random forest fit on the train split).
     """
@@ -58,10 +65,23 @@ def task_statistics(
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = np.where(denom > 0, np.abs(xc.T @ yc) / denom, 0.0)
 
+    rows, n_features = X.shape
+    # Skewness and the share of distinct values do not change under the reference's
+    # monotone rescalings, so they compare the marginals' shapes across the two priors.
+    skew = np.zeros(n_features)
+    varying = X.max(axis=0) > X.min(axis=0)  # a constant column has no skewness: 0
+    if rows > 2 and varying.any():
+        skew[varying] = sps.skew(X[:, varying], axis=0)
+    distinct = [len(np.unique(X[:, j])) / rows for j in range(n_features)]
+
     out = {
         "n_classes": float(k),
         "class_entropy": entropy,
+        "n_features": float(n_features),
+        "train_fraction": n_train / rows,
         "categorical_fraction": float(np.mean(categorical)) if len(categorical) else 0.0,
+        "feature_abs_skewness": float(np.median(np.abs(skew))) if n_features else 0.0,
+        "feature_distinct_fraction": float(np.mean(distinct)) if n_features else 0.0,
         "mean_abs_label_corr": float(corr.mean()) if corr.size else 0.0,
     }
     if rf:

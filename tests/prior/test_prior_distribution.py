@@ -1,4 +1,4 @@
-"""Our prior against the reference prior (tabicl 0.1.4) on the five task statistics.
+"""Our prior against the reference prior (tabicl 0.1.4) on nine task statistics.
 
 The reference side is the committed fixture tests/fixtures/prior_reference_stats.json
 (600 i.i.d. reference tasks, written by tools/make_prior_fixture.py). Ours is generated
@@ -54,6 +54,34 @@ def test_fixture_describes_the_reference_settings():
     assert (s["max_classes"], s["rows"]) == (defaults.max_classes, defaults.rows)
     assert s["batch_size_per_gp"] == 1 and s["prior_type"] == "mix_scm"
     assert all(len(ref["statistics"][name]) == s["count"] >= 500 for name in STATISTICS)
+
+
+def test_task_statistics_on_a_hand_made_task():
+    """Each statistic against an independent computation (pandas, scipy) on a small task
+    with a constant column, a two-valued column and a skewed one."""
+    import pandas as pd
+    from scipy import stats as sps
+
+    rng = np.random.default_rng(0)
+    rows, n_train = 40, 30
+    X = np.stack(
+        [np.full(rows, 3.0), rng.integers(0, 2, rows).astype(float), rng.exponential(size=rows)],
+        axis=1,
+    )
+    y = np.array([0] * 10 + [1] * 30)
+    got = task_statistics(X, y, n_train, np.array([False, True, False]), rf=False)
+    frame = pd.DataFrame(X)
+    p = np.array([10, 30]) / 40
+    assert got["n_classes"] == 2
+    assert got["class_entropy"] == pytest.approx(-(p * np.log(p)).sum() / np.log(2))
+    assert got["n_features"] == 3 and got["train_fraction"] == pytest.approx(0.75)
+    assert got["categorical_fraction"] == pytest.approx(1 / 3)
+    skews = [0.0, abs(sps.skew(X[:, 1])), abs(sps.skew(X[:, 2]))]
+    assert got["feature_abs_skewness"] == pytest.approx(np.median(skews))
+    assert got["feature_distinct_fraction"] == pytest.approx(frame.nunique().mean() / rows)
+    corr = frame.iloc[:, 1:].corrwith(pd.Series(y, dtype=float)).abs()
+    assert got["mean_abs_label_corr"] == pytest.approx((0.0 + corr.sum()) / 3)
+    assert "rf_accuracy" not in got
 
 
 def test_ks_critical_value_matches_scipy():

@@ -12,6 +12,8 @@ comparison last:
 
     .venv/bin/python tools/bench_train.py                     # CPU, float32, LoRA
     .venv/bin/python tools/bench_train.py --mode full         # full fine-tuning both sides
+    .venv/bin/python tools/bench_train.py --shape qwen2.5-0.5b --seq 1024 --split-head \
+        --rounds 2 --steps 1                                  # a user's shape (CPU: minutes)
     .venv/bin/python tools/bench_train.py --ours-only --preset qwen2.5-0.5b --seq 8192 \\
         --dtype bfloat16 --attention cudnn                    # GPU: tokens/s and MFU
 """
@@ -274,24 +276,49 @@ def main() -> None:
     )
     parser.add_argument("--attention", default="xla", help="our backend: xla | cudnn | splash")
     parser.add_argument("--query-chunk", type=int, default=512)
-    parser.add_argument("--preset", default=None, help="a model preset instead of the bench shape")
+    parser.add_argument(
+        "--preset",
+        "--shape",
+        dest="preset",
+        default=None,
+        help="a model preset (e.g. qwen2.5-0.5b) instead of the bench shape, on both sides",
+    )
+    parser.add_argument(
+        "--split-head",
+        action="store_true",
+        help="also time transformers with its LM head limited to the answer tail "
+        "(logits_to_keep), so the answer-only head's share of the gain is reported apart",
+    )
     parser.add_argument("--ours-only", action="store_true", help="skip torch (GPU/TPU runs)")
     args = parser.parse_args()
 
-    batch = make_batch(BENCH_SHAPE["vocab_size"], args.seq, args.batch, args.answer_fraction, 0)
+    from mllm_jax.model import preset
+
+    vocab = preset(args.preset).vocab_size if args.preset else BENCH_SHAPE["vocab_size"]
+    batch = make_batch(vocab, args.seq, args.batch, args.answer_fraction, 0)
     ours = Ours(args, batch)
     t0 = time.perf_counter()
     ours.step()  # compile
     compile_s = time.perf_counter() - t0
     ours.step()  # first compiled call (buffer donation, allocator)
-    reference = None if args.ours_only else Torch(args, batch)
-    if reference is not None:
-        reference.step()  # warm-up (allocator, kernels)
-    ours_times, ref_times = [], []
+    # The torch side trains the very architecture ours does (the preset's HF config).
+    shape = ours.config.to_hf_dict() if args.preset else None
+    reference = None if args.ours_only else Torch(args, batch, shape=shape)
+    head_peer = (
+        Torch(args, batch, shape=shape, answer_logits_only=True)
+        if args.split_head and not args.ours_only
+        else None
+    )
+    for side in (reference, head_peer):
+        if side is not None:
+            side.step()  # warm-up (allocator, kernels)
+    ours_times, ref_times, head_times = [], [], []
     for _ in range(args.rounds):
         ours_times += [ours.step() for _ in range(args.steps)]
         if reference is not None:
             ref_times += [reference.step() for _ in range(args.steps)]
+        if head_peer is not None:
+            head_times += [head_peer.step() for _ in range(args.steps)]
     tokens = args.seq * args.batch
     ours_cpu = statistics.median(c for _, c in ours_times)
     ref_cpu = statistics.median(c for _, c in ref_times) if ref_times else None
@@ -313,9 +340,22 @@ def main() -> None:
         "ours_compile_s": round(compile_s, 2),
         "ours_model_flops_per_step": ours.flops,
         "ours_mfu": mfu,
+        "reference_answer_head_step_s": [round(t, 4) for t, _ in head_times],
     }
     print(json.dumps(detail), flush=True)
     ref_tps = tokens / statistics.median(ref_times) if ref_times else None
+    head = {}
+    if head_times:
+        # ours / torch = (ours / torch with an answer-only head) x (that / torch): the
+        # first factor is what is left of the gain once the head does the same work.
+        head_tps = tokens / statistics.median(t for t, _ in head_times)
+        head_cpu = statistics.median(c for _, c in head_times)
+        head = {
+            "reference_answer_head": round(head_tps, 2),
+            "ratio_vs_answer_head": round(ours_tps / head_tps, 3),
+            "ratio_cpu_vs_answer_head": round(head_cpu / ours_cpu, 3),
+            "answer_head_gain_of_reference": round(head_tps / ref_tps, 3),
+        }
     record = {
         "name": f"train_step_{args.mode}",
         "ours": round(ours_tps, 2),
@@ -328,6 +368,7 @@ def main() -> None:
         "reference_impl": None
         if ref_tps is None
         else f"transformers{'+peft' if args.mode == 'lora' else ''} (torch, sdpa)",
+        **head,
         **settings,
     }
     print(json.dumps(record), flush=True)

@@ -74,6 +74,35 @@ def score(prompts: list[tuple], k: int) -> dict[str, float]:
     return {name: hits[name] / total for name in ("majority", "knn", "nn1")} | {"queries": total}
 
 
+BINS = ((0, 8, "<8"), (8, 16, "8-15"), (16, 32, "16-31"), (32, 64, "32-63"), (64, 10**9, "64+"))
+
+
+def shot_score(prompts: list[tuple], k: int, threshold: int | None) -> dict[str, dict]:
+    """The readers of `score` on every shot slot after the first, each shot's label read
+    from the shots before it, binned by how many came before (as the trainer's
+    `val_shot_by_before`); with `threshold`, also a reader that ignores the shots: class
+    1 where the first feature's printed value exceeds `threshold`, else 0."""
+    hits: dict[str, Counter[str]] = {name: Counter() for _, _, name in BINS}
+    for sx, sy, _, _ in prompts:
+        for i in range(1, len(sy)):
+            name = next(b for lo, hi, b in BINS if lo <= i < hi)
+            before, label = sy[:i], sy[i]
+            order = np.argsort(((sx[:i] - sx[i]) ** 2).sum(-1), kind="stable")
+            near = before[order[:k]]
+            h = hits[name]
+            h["slots"] += 1
+            h["majority"] += Counter(before.tolist()).most_common(1)[0][0] == label
+            h["knn"] += Counter(near.tolist()).most_common(1)[0][0] == label
+            h["nn1"] += near[0] == label
+            if threshold is not None:
+                h["threshold"] += int(sx[i, 0] > threshold) == label
+    return {
+        name: {"slots": h["slots"]} | {r: round(h[r] / h["slots"], 4) for r in h if r != "slots"}
+        for name, h in hits.items()
+        if h["slots"]
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="a training config YAML")
@@ -81,6 +110,14 @@ def main() -> None:
     parser.add_argument("--data", default="validation", help="'validation' or a stage name")
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--k", type=int, default=5)
+    parser.add_argument(
+        "--shots", action="store_true", help="also score every shot slot from the shots before it"
+    )
+    parser.add_argument(
+        "--threshold",
+        type=int,
+        help="with --shots: also a shot-blind reader, class 1 where feature 1 > THRESHOLD",
+    )
     args = parser.parse_args()
 
     from mllm_jax.encoding.tokens import load_tokenizer
@@ -106,6 +143,8 @@ def main() -> None:
             else:
                 prompts.append(parsed)
     result = score(prompts, args.k)
+    if args.shots:
+        result["shot_slots"] = shot_score(prompts, args.k, args.threshold)
     print(
         json.dumps(
             {"name": "prompt_signal", "data": args.data, "prompts": len(prompts),

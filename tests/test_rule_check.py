@@ -115,5 +115,15 @@ def test_shot_slots_are_read_from_the_shots_before_them():
     got = shot_score([prompt], k=1, threshold=500)["<8"]
     # Shots 1..3: earlier majority (ties to the first seen) 0, 0, 0 -> right on shot 2;
     # 1-NN: shot 1's only neighbour is 0 (wrong), shots 2 and 3 find their match.
-    expected = {"slots": 3, "majority": 1 / 3, "knn": 2 / 3, "nn1": 2 / 3, "threshold": 1.0}
+    # count_quantile: shot 1 (share of 1s 0: cut at the max, 100) says 1, right; shot 2
+    # (share 1/2: cut at the median of 100 and 900, 500) says 0, right; shot 3 (share
+    # 1/3: cut at the 2/3 quantile of 100, 900, 150, i.e. 500) says 1, right.
+    expected = {
+        "slots": 3,
+        "majority": 1 / 3,
+        "knn": 2 / 3,
+        "nn1": 2 / 3,
+        "threshold": 1.0,
+        "count_quantile": 1.0,
+    }
     assert got == pytest.approx(expected, abs=1e-4)

@@ -81,7 +81,10 @@ def shot_score(prompts: list[tuple], k: int, threshold: int | None) -> dict[str,
     """The readers of `score` on every shot slot after the first, each shot's label read
     from the shots before it, binned by how many came before (as the trainer's
     `val_shot_by_before`); with `threshold`, also a reader that ignores the shots: class
-    1 where the first feature's printed value exceeds `threshold`, else 0."""
+    1 where the first feature's printed value exceeds `threshold`, else 0; and one that
+    reads only the earlier shots' label counts and feature values, not which label went
+    with which row (`count_quantile`: class 1 above the quantile of the earlier first
+    features at one minus their share of class 1)."""
     hits: dict[str, Counter[str]] = {name: Counter() for _, _, name in BINS}
     for sx, sy, _, _ in prompts:
         for i in range(1, len(sy)):
@@ -96,6 +99,11 @@ def shot_score(prompts: list[tuple], k: int, threshold: int | None) -> dict[str,
             h["nn1"] += near[0] == label
             if threshold is not None:
                 h["threshold"] += int(sx[i, 0] > threshold) == label
+                # Label counts without pairing: the earlier shots' share of class 1 puts
+                # the cut at that quantile of their first feature (blind to which shot
+                # had which label, as permuting the labels among the shots keeps it).
+                cut = np.quantile(sx[:i, 0], 1.0 - np.mean(before == 1))
+                h["count_quantile"] += int(sx[i, 0] > cut) == label
     return {
         name: {"slots": h["slots"]} | {r: round(h[r] / h["slots"], 4) for r in h if r != "slots"}
         for name, h in hits.items()

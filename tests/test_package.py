@@ -24,3 +24,14 @@ def test_code_is_ruff_clean():
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_test_modules_have_unique_names():
+    """The test directories are not packages, so pytest imports each test file by its
+    bare name: two files of one name in different directories fail collection."""
+    from collections import Counter
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    names = Counter(p.name for p in tests.rglob("test_*.py") if "fixtures" not in p.parts)
+    assert not [n for n, count in names.items() if count > 1], names.most_common(3)

@@ -13,7 +13,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 
 from prompt_signal import parse_prompt, read_prompts
-from rule_check import read_corpus, score, train_config, write_corpus
+from rule_check import read_corpus, rule_task, score, train_config, write_corpus
 
 from mllm_jax.data.pipeline import PipelineConfig, build_pipeline
 from mllm_jax.encoding.sampling import SamplingConfig
@@ -47,8 +47,8 @@ def _boundary(prompt) -> tuple[float, bool]:
 
 
 def test_rule_corpora_carry_their_rule_through_the_pipeline(tmp_path):
-    fixed = write_corpus(tmp_path / "fixed", 30, 0, shifted=False)
-    shifted = write_corpus(tmp_path / "shifted", 30, 1, shifted=True)
+    fixed = write_corpus(tmp_path / "fixed", 30, 0, "fixed")
+    shifted = write_corpus(tmp_path / "shifted", 30, 1, "shifted")
     cuts = {}
     for name, paths in (("fixed", fixed), ("shifted", shifted)):
         prompts = _prompts(paths, 4)
@@ -60,6 +60,29 @@ def test_rule_corpora_carry_their_rule_through_the_pipeline(tmp_path):
     # sits near the normalised 0 (printed 500) in every prompt, the shifted one moves.
     assert np.all(np.abs(cuts["fixed"] - 500) < 120), cuts["fixed"]
     assert np.std(cuts["shifted"]) > 2 * np.std(cuts["fixed"]), cuts
+
+
+def test_lookup_corpus_labels_equal_printed_values_alike(tmp_path):
+    """Rows that print the same integer carry the same label within a prompt, a prompt
+    shows at most 8 distinct values, and both classes appear: the label is a lookup of
+    the earlier equal rows, which no threshold on x explains in general."""
+    prompts = _prompts(write_corpus(tmp_path / "lookup", 30, 2, "lookup"), 4)
+    assert prompts and all(p is not None for p in prompts)
+    not_threshold = 0
+    for sx, sy, qx, qy in prompts:
+        x, y = np.concatenate([sx[:, 0], qx[:, 0]]), np.concatenate([sy, qy])
+        values = np.unique(x)
+        assert len(values) <= 8
+        assert all(len(np.unique(y[x == v])) == 1 for v in values)
+        assert len(np.unique(sy)) == 2
+        order = np.argsort(x, kind="stable")
+        not_threshold += np.count_nonzero(np.diff(y[order])) > 1
+    assert not_threshold >= len(prompts) // 4, (not_threshold, len(prompts))
+
+
+def test_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="unknown rule 'nearest'"):
+        rule_task(np.random.default_rng(0), 0, 0, "nearest")
 
 
 def test_train_config_points_at_the_corpus_and_keeps_labels(tmp_path):
@@ -94,7 +117,7 @@ def test_score_reports_each_reader_and_the_fixed_rule_is_exact_on_its_tasks(tmp_
 
     model = tmp_path / "model"  # Qwen2.5's vocabulary, so that real prompts fit
     save_hf(init_model(preset("tiny", vocab_size=151936, tie_word_embeddings=True), 0), model)
-    write_corpus(tmp_path / "tasks", 3, 0, shifted=False)
+    write_corpus(tmp_path / "tasks", 3, 0, "fixed")
     tasks = read_corpus(tmp_path / "tasks", 3)
     result = score(str(model), tasks, shots=8, test_rows=4, queries=2)
     assert result["tasks"] == 3

@@ -10,6 +10,12 @@ training pipeline reads like the prior's, and a training config for each:
   normalisation the boundary moves from task to task, so only the shots tell it: the
   in-context version of the same rule.
 
+- ``lookup``: x takes one of 3-8 values drawn per task, each value with its own class
+  drawn per task (both classes present). Rows with equal x print the same integer, so
+  the label of a row is the label of the earlier rows that print the same number: an
+  exact-match lookup in the shots (the induction-like step that feature reading needs),
+  with nothing to gain from a rule on x or from the label counts beyond the majority.
+
 If the ``fixed`` run does not leave the majority, the defect is upstream of in-context
 learning (the label slot does not see its row); if it does and ``shifted`` does not, the
 model reads rows but not shots. ``score`` then tells the two readings apart on held-out
@@ -20,7 +26,7 @@ whose two classes trade names (truth swapped alike), where the fixed rule is wro
 ~81% of rows and a reader of the shots loses nothing. Binary tasks only.
 
     python tools/rule_check.py write --out runs/rule --base runs/mini-one/model-1410 \\
-        --from-config runs/mini-one/train/config.yaml --steps 400
+        --from-config runs/mini-one/train/config.yaml --steps 400 [--rules lookup]
     mllm-jax train --config runs/rule/fixed/train.yaml
     python tools/learning_curve.py runs/rule/fixed/train
     python tools/rule_check.py score --model runs/rule/shifted/model \\
@@ -43,12 +49,30 @@ from mllm_jax.foundation.tasks import Task, decode_task
 ROWS = 256
 
 
-def rule_task(rng: np.random.Generator, index: int, seed: int, shifted: bool) -> Task:
+RULES = ("fixed", "shifted", "lookup")
+
+
+def _labels(rng: np.random.Generator, x: np.ndarray, rule: str) -> tuple[np.ndarray, float]:
+    """(y i32[rows], threshold) for the rule; lookup redraws x from a few values."""
+    if rule == "lookup":
+        values = rng.standard_normal(int(rng.integers(3, 9))).astype(np.float32)
+        while np.diff(np.sort(values)).min() < 0.1:  # apart after printing (1/120 std)
+            values = rng.standard_normal(len(values)).astype(np.float32)
+        classes = rng.permutation(np.arange(len(values)) % 2)  # both classes present
+        which = rng.integers(0, len(values), x.shape[0])
+        x[:] = values[which]
+        return classes[which].astype(np.int32), float("nan")
+    threshold = rng.uniform(-1.0, 1.0) if rule == "shifted" else 0.0
+    return (x > threshold).astype(np.int32), float(threshold)
+
+
+def rule_task(rng: np.random.Generator, index: int, seed: int, rule: str) -> Task:
     """One 1-feature, 2-class task; resampled until both classes have >= 8 rows."""
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; known: {RULES}")
     while True:
         x = rng.standard_normal(ROWS).astype(np.float32)
-        threshold = rng.uniform(-1.0, 1.0) if shifted else 0.0
-        y = (x > threshold).astype(np.int32)
+        y, threshold = _labels(rng, x, rule)
         if min(y.sum(), ROWS - y.sum()) >= 8:
             break
     return Task(
@@ -60,17 +84,17 @@ def rule_task(rng: np.random.Generator, index: int, seed: int, shifted: bool) ->
         family="mlp",  # the record's family field; these tasks come from no SCM
         seed=seed,
         index=index,
-        extra={"rule": "shifted" if shifted else "fixed", "threshold": float(threshold)},
+        extra={"rule": rule, "threshold": threshold},
     )
 
 
-def write_corpus(directory: Path, count: int, seed: int, shifted: bool) -> list[Path]:
-    """`count` tasks into ArrayRecord shards under `directory`."""
+def write_corpus(directory: Path, count: int, seed: int, rule: str) -> list[Path]:
+    """`count` tasks of `rule` into ArrayRecord shards under `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     with ShardWriter(directory, shard_size=1000) as writer:
         for index in range(count):
-            writer.add(rule_task(rng, index, seed, shifted))
+            writer.add(rule_task(rng, index, seed, rule))
     return writer.paths
 
 
@@ -157,13 +181,12 @@ def score(model: str, tasks: list[Task], shots: int, test_rows: int, queries: in
 
 def write(args: argparse.Namespace) -> None:
     template = yaml.safe_load(args.from_config.read_text())
-    for seed, rule in enumerate(("fixed", "shifted")):
-        root = args.out / rule
+    for rule in args.rules:
+        root, seed = args.out / rule, RULES.index(rule)
         if (root / "train.yaml").exists():
             raise SystemExit(f"{root}: already written; remove it to start over")
-        shifted = rule == "shifted"
-        write_corpus(root / "data" / "full", args.tasks, seed, shifted)
-        write_corpus(root / "data" / "heldout", args.heldout, 1000 + seed, shifted)
+        write_corpus(root / "data" / "full", args.tasks, seed, rule)
+        write_corpus(root / "data" / "heldout", args.heldout, 1000 + seed, rule)
         config = train_config(
             template, root, args.base, args.steps, root / "data" / "full", root / "data" / "heldout"
         )
@@ -183,6 +206,7 @@ def main() -> None:
     w.add_argument("--steps", type=int, default=400)
     w.add_argument("--tasks", type=int, default=4000)
     w.add_argument("--heldout", type=int, default=300)
+    w.add_argument("--rules", nargs="+", choices=RULES, default=["fixed", "shifted"])
     sc = sub.add_parser("score", help="an exported model on held-out tasks of one corpus")
     sc.add_argument("--model", required=True, help="exported HF checkpoint directory")
     sc.add_argument("--corpus", type=Path, required=True, help="a directory of task shards")

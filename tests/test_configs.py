@@ -2,6 +2,7 @@
 naming the key and the reason."""
 
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from mllm_jax.foundation.config import (
     load_yaml,
     to_dict,
 )
-from mllm_jax.runs.config import TrainConfig
+from mllm_jax.model.config import REMAT_NAMES
+from mllm_jax.runs.config import RematPolicy, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -155,6 +157,13 @@ def test_bad_config_file_names_the_file_and_key(tmp_path):
     demo.write_text("train:\n  mode: lorra\n")
     with pytest.raises(ConfigError, match=r"demo\.yaml: train\.mode: 'lorra' is not one of"):
         load_demo_config(demo)
+
+
+@pytest.mark.parametrize("name", REMAT_NAMES)
+def test_every_model_remat_policy_is_a_valid_train_setting(name):
+    """The train config's `remat` accepts exactly the names the model implements."""
+    assert from_dict(TrainConfig, {"remat": name}).remat == name
+    assert set(typing.get_args(RematPolicy)) == set(REMAT_NAMES)
 
 
 def test_partial_demo_file_keeps_the_other_defaults(tmp_path):

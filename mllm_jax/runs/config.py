@@ -26,7 +26,9 @@ from mllm_jax.model.lora import LoRAConfig
 from mllm_jax.model.sharding import LOGICAL_AXIS_NAMES, ShardingRules
 
 # Per-layer remat policy names (mllm_jax.model.config.REMAT_NAMES).
-RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
+RematPolicy = Literal[
+    "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable"
+]
 
 
 @dataclass(frozen=True)

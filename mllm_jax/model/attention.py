@@ -65,6 +65,8 @@ def attend(
     segments_given: bool = True,
     return_lse: bool = False,
     interpret: bool = False,
+    kv_filled: jax.Array | None = None,
+    key_block: int = 512,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Multi-head attention with grouped K/V heads.
 
@@ -76,12 +78,19 @@ def attend(
     the computed blocks stay exact), as the kernels' index-causal masks assume too.
     `segments_given`: False when the caller passed no segment ids (one causal
     sequence per row), which lets cuDNN use its built-in causal mask.
+    `kv_filled`: i32 scalar (may be traced), for k/v read from a KV cache whose slots
+    from this index on are empty: the "xla" path then scores only the filled slots,
+    `key_block` at a time up to the last filled block (an online softmax in a loop of
+    dynamic length; not reverse-differentiable, caches are for inference), so a prefill
+    chunk or a decode step costs what the cache holds, not its capacity.
     Returns out: [B, T, H, D] in q's dtype, and with `return_lse` the log-sum-exp of the
     scores f32[B, T, H] (for merging partial attentions with `merge_attention`).
     """
     if backend not in ("xla", "cudnn", "splash"):
         raise ValueError(f"unknown attention backend {backend!r} (xla, cudnn, splash)")
-    if backend == "xla" or not self_attention or return_lse:
+    if kv_filled is not None and not self_attention and k.shape[0] == q.shape[0]:
+        fn = functools.partial(_xla_filled_attention, filled=kv_filled, key_block=key_block)
+    elif backend == "xla" or not self_attention or return_lse:
         # Cached calls (decode, prefix reuse, prefill into a cache) and partial
         # attentions to be merged always run dense: the kernels' causal masks are by
         # token index, and they return no log-sum-exp.
@@ -227,6 +236,60 @@ def _xla_block(q, k, v, q_pos, q_seg, kv_pos, kv_seg, scale):
         out = out.reshape(kv_heads, b, groups, c, d) / total
         out = jnp.transpose(out, (1, 0, 2, 3, 4))
         lse = jnp.transpose(lse, (1, 0, 2, 3))
+    return out.astype(q.dtype), lse
+
+
+def _xla_filled_attention(q, k, v, q_pos, q_seg, kv_pos, kv_seg, scale, *, filled, key_block):
+    """q: [B, T, H, D]; k, v: [B, S, K, D] (a KV cache) of which slots >= `filled`
+    (i32 scalar) are empty -> (out [B, T, H, D] in q's dtype, lse f32[B, T, H]).
+
+    The filled slots in blocks of `key_block` keys, merged by an online softmax (running
+    peak, total and weighted sum, rescaled when the peak rises), in a `lax.fori_loop`
+    that stops after the last filled block. Head-major like `_xla_block`."""
+    b, t, h, d = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    groups = h // kv_heads
+    block = min(key_block, s)
+    blocks = -(-s // block)
+    pad = blocks * block - s
+    if pad:
+        # Padded slots get segment 0: never attended.
+        k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
+        kv_pos, kv_seg = (jnp.pad(x, ((0, 0), (0, pad))) for x in (kv_pos, kv_seg))
+    rows = jnp.transpose(q.reshape(b, t, kv_heads, groups, d), (0, 2, 3, 1, 4))
+    rows = rows.reshape(b, kv_heads, groups * t, d)
+    kh = jnp.transpose(k, (0, 2, 1, 3))
+    vh = jnp.transpose(v, (0, 2, 1, 3))
+
+    def one_block(i, carry):
+        peak, total, acc = carry
+        start = i * block
+        kb, vb = (jax.lax.dynamic_slice_in_dim(x, start, block, axis=2) for x in (kh, vh))
+        pos, seg = (jax.lax.dynamic_slice_in_dim(x, start, block, axis=1) for x in (kv_pos, kv_seg))
+        mask = attention_mask(q_pos, q_seg, pos, seg)[:, None, None]  # [B, 1, 1, T, Kb]
+        scores = jnp.einsum("bkrd,bksd->bkrs", rows, kb, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kv_heads, groups, t, block)
+        scores = jnp.where(mask, scores * scale, MASK_VALUE).reshape(b, kv_heads, groups * t, block)
+        new_peak = jnp.maximum(peak, jnp.max(scores, axis=-1, keepdims=True))
+        rescale = jnp.exp(peak - new_peak)
+        weights = jnp.exp(scores - new_peak)
+        total = total * rescale + jnp.sum(weights, axis=-1, keepdims=True)
+        pv = jnp.einsum(
+            "bkrs,bksd->bkrd", weights.astype(v.dtype), vb, preferred_element_type=jnp.float32
+        )
+        return new_peak, total, acc * rescale + pv
+
+    last = jnp.clip((jnp.asarray(filled, jnp.int32) + block - 1) // block, 1, blocks)
+    init = (
+        jnp.full((b, kv_heads, groups * t, 1), MASK_VALUE, jnp.float32),
+        jnp.zeros((b, kv_heads, groups * t, 1), jnp.float32),
+        jnp.zeros((b, kv_heads, groups * t, d), jnp.float32),
+    )
+    peak, total, acc = jax.lax.fori_loop(0, last, one_block, init)
+    out = (acc / total).reshape(b, kv_heads, groups, t, d)
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
+    lse = (peak + jnp.log(total)).reshape(b, kv_heads, groups, t)
+    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, h)
     return out.astype(q.dtype), lse
 
 

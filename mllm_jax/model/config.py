@@ -72,7 +72,8 @@ class Qwen2Config:
     inputs; RMSNorm statistics, RoPE and softmax always run in float32),
     `attention_backend` ("xla" | "cudnn" | "splash"), `attention_query_chunk` (queries
     per block in the dense backends, so long prompts never build a full [T, S] score
-    matrix), `remat` (per-layer rematerialisation in the backward pass: a policy name of
+    matrix; also the key block of calls into a KV cache, which read only the filled
+    blocks), `remat` (per-layer rematerialisation in the backward pass: a policy name of
     `REMAT_NAMES`, see `mllm_jax.model.qwen2`, or True / False for "full" / "none").
     """
 

@@ -373,6 +373,10 @@ class Attention(nnx.Module):
         v = v.reshape(b, t, cfg.num_key_value_heads, d)
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
+        # A call that fills a cache of exactly its own length (a prefill) attends only its
+        # own tokens, in order: causal self-attention, whose XLA path skips the key blocks
+        # past each query chunk instead of scoring the whole [T, T] square.
+        fills_cache = kv is not None and kv[0].shape[1] == t
         if kv is not None:
             kv = write_layer(kv[0], kv[1], k, v, ctx.write_index)
             k, v = kv
@@ -389,7 +393,9 @@ class Attention(nnx.Module):
             v,
             kv_positions=ctx.kv_positions,
             kv_segment_ids=ctx.kv_segment_ids,
-            self_attention=kv is None,
+            self_attention=kv is None or fills_cache,
+            kv_filled=None if kv is None or fills_cache else ctx.write_index + t,
+            key_block=cfg.attention_query_chunk,
             segments_given=ctx.segments_given,
             return_lse=prefix_kv is not None,
             **common,

@@ -5,6 +5,8 @@ Full recomputations run as one right-padded batch per test (segment id 0 = paddi
 each test compiles few distinct shapes.
 """
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -94,6 +96,31 @@ def test_chunked_prefill_and_query_chunks_equal_full(setup):
     np.testing.assert_allclose(last_logits, full[:, 21], atol=2e-5)
     assert int(cache.length) == 24
     assert (np.asarray(cache.segment_ids)[:, :2] == 0).all()
+
+
+def test_cached_calls_read_only_the_filled_slots(setup):
+    """A prefill into a cache of its own length (causal self-attention over its tokens)
+    and chunked calls into a larger cache (key blocks up to the last filled slot) equal
+    the full recomputation; the empty slots are never read: NaN keys and values there
+    (which a dense pass would spread through 0 x NaN) change nothing."""
+    _, _, directory = setup
+    model = load_hf(directory, attention_query_chunk=8)
+    seqs = [_ids(24, 7), _ids(24, 8)]
+    full = _full(model, seqs)
+    ids = jnp.asarray(np.stack(seqs))
+    positions = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), (2, 24))
+    segments = jnp.ones((2, 24), jnp.int32)
+    logits, _ = CACHED(model, ids, positions, segments, KVCache.create(model.config, 2, 24))
+    np.testing.assert_allclose(logits, full, atol=2e-5)
+    cache = KVCache.create(model.config, 2, 40)
+    poisoned = tuple(jnp.full_like(x, jnp.nan) for x in cache.keys)
+    cache = dataclasses.replace(cache, keys=poisoned, values=poisoned)
+    parts = []
+    for lo in (0, 8, 16):  # 3 calls ending on key blocks (8 slots); 16 slots stay empty
+        call = (ids[:, lo : lo + 8], positions[:, lo : lo + 8], segments[:, lo : lo + 8])
+        part, cache = CACHED(model, *call, cache)
+        parts.append(np.asarray(part))
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, atol=2e-5)
 
 
 def test_prefix_reuse_equals_full_recomputation(setup):

@@ -10,28 +10,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 
 from fake_prior import fake_batches
-from prompt_signal import parse_prompt, read_prompts, score
+from pipeline_prompts import pipeline_prompts
+from prompt_signal import score
 
 from mllm_jax.data.generate import GenerateConfig, generate
-from mllm_jax.data.pipeline import PipelineConfig, build_pipeline
 from mllm_jax.data.shards import list_corpus_shards
 from mllm_jax.encoding.sampling import SamplingConfig
-from mllm_jax.encoding.tokens import load_tokenizer
 
 
-def _prompts(directory: Path, batches: int) -> list[tuple]:
+def _prompts(directory: Path, batches: int) -> list[tuple | None]:
     sampling = SamplingConfig(min_shots=24, max_shots=32, max_queries=8, token_budget=1536)
-    pipeline = build_pipeline(
-        [str(p) for p in list_corpus_shards(directory)],
-        PipelineConfig(sampling=sampling, seq_len=2048, batch_size=2),
-        seed=0,
-        process_index=0,
-        process_count=1,
+    return pipeline_prompts(
+        list_corpus_shards(directory), batches, sampling, seq_len=2048, batch_size=2
     )
-    tokenizer, it, out = load_tokenizer(), iter(pipeline), []
-    for _ in range(batches):
-        out += [parse_prompt(text) for text in read_prompts(tokenizer, next(it))]
-    return out
 
 
 def test_prompts_read_back_carry_the_tasks_signal(tmp_path):

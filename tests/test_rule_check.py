@@ -12,27 +12,15 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 
-from prompt_signal import parse_prompt, read_prompts
+from pipeline_prompts import pipeline_prompts
 from rule_check import read_corpus, rule_task, score, train_config, write_corpus
 
-from mllm_jax.data.pipeline import PipelineConfig, build_pipeline
 from mllm_jax.encoding.sampling import SamplingConfig
-from mllm_jax.encoding.tokens import load_tokenizer
 
 
-def _prompts(paths: list[Path], batches: int) -> list[tuple]:
+def _prompts(paths: list[Path], batches: int) -> list[tuple | None]:
     sampling = SamplingConfig(min_shots=16, max_shots=32, max_queries=2, token_budget=704)
-    pipeline = build_pipeline(
-        [str(p) for p in paths],
-        PipelineConfig(sampling=sampling, seq_len=768, batch_size=4),
-        seed=0,
-        process_index=0,
-        process_count=1,
-    )
-    tokenizer, it, out = load_tokenizer(), iter(pipeline), []
-    for _ in range(batches):
-        out += [parse_prompt(text) for text in read_prompts(tokenizer, next(it))]
-    return out
+    return pipeline_prompts(paths, batches, sampling, seq_len=768, batch_size=4)
 
 
 def _boundary(prompt) -> tuple[float, bool]:

@@ -30,6 +30,9 @@ SHORT_QUERY_MIN = 32
 Progress = Callable[[int], None]
 """Called with the number of test rows just finished."""
 
+QueryArrays = tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]
+"""(ids, positions, segments) i32[batch, width] of left-padded token rows."""
+
 
 class ContextLengthError(ValueError):
     """A prompt longer than the model's context window."""
@@ -99,7 +102,7 @@ def check_context(loaded: LoadedModel, needed: int, what: str) -> None:
         )
 
 
-def _left_pad(rows: Sequence[np.ndarray], width: int, start: int, pad_id: int):
+def _left_pad(rows: Sequence[np.ndarray], width: int, start: int, pad_id: int) -> QueryArrays:
     """(ids, positions, segments) i32[len(rows), width]; positions of real tokens start
     at `start`."""
     ids = np.full((len(rows), width), pad_id, np.int32)
@@ -141,7 +144,7 @@ def _queries(
     settings: RunSettings,
     prefix: KVCache | None,
     drop_tail: int = 0,
-):
+) -> tuple[int, QueryArrays]:
     """(tokens per model call, (ids, positions, segments) i32[batch_size, width]) of a
     batch of query parts, left-padded (whole prompts when the prefix is not reused)."""
     rows = [prompt.queries[c][: len(prompt.queries[c]) - drop_tail] for c in chunks]
@@ -156,6 +159,48 @@ def _queries(
 
 def _label_tokens(loaded: LoadedModel) -> jnp.ndarray:
     return jnp.asarray(loaded.prompt_tokenizer.digit_ids[:MAX_LABELS], jnp.int32)
+
+
+def _reused_prefix(
+    loaded: LoadedModel, prompt: ChunkedPrompt, settings: RunSettings
+) -> KVCache | None:
+    """The prompt's prefix cache, or None when `settings` runs whole prompts per chunk."""
+    if not settings.reuse_prefix:
+        return None
+    return prompt_prefix_cache(loaded, prompt.prefix, settings.prefill_chunk)
+
+
+ChunkScorer = Callable[[KVCache | None, list[int], int, QueryArrays], jnp.ndarray]
+"""Scores one batch of chunks: (prefix cache or None, the chunks' indices, tokens per model
+call, their query parts' (ids, positions, segments)) -> f32[batch_size, R, >= n_classes]
+label log-probabilities at each chunk's answer slots."""
+
+
+def _score_batches(
+    loaded: LoadedModel,
+    prompt: ChunkedPrompt,
+    n_classes: int,
+    settings: RunSettings,
+    progress: Progress | None,
+    answer: int,
+    score: ChunkScorer,
+) -> np.ndarray:
+    """The loop both label scorings share: checks that a chunk's prompt plus `answer`
+    tokens fits the context, caches the prefix once, runs `score` on each batch of
+    chunks and gathers the rows. Returns f32[n_test, n_classes]."""
+    longest = max(len(q) for q in prompt.queries)
+    check_context(loaded, len(prompt.prefix) + longest + answer, "the prompt of a chunk")
+    prefix = _reused_prefix(loaded, prompt, settings)
+    out = np.zeros((prompt.rows[-1].stop, n_classes), np.float32)
+    for chunks in _batches(prompt, settings.batch_size):
+        chunk, queries = _queries(loaded, prompt, chunks, settings, prefix)
+        log_probs = np.asarray(score(prefix, chunks, chunk, queries))
+        for b, c in enumerate(chunks):
+            rows = prompt.rows[c]
+            out[rows.start : rows.stop] = log_probs[b, : len(rows), :n_classes]
+            if progress is not None:
+                progress(len(rows))
+    return out
 
 
 def score_prompt(
@@ -183,38 +228,24 @@ def score_prompt(
     )
     step_ids, step_segments = frame.steps(loaded.prompt_tokenizer.pad_id)
     answer = len(frame.ids) - len(frame.head) + 1
-    longest = max(len(q) for q in prompt.queries)
-    check_context(loaded, len(prompt.prefix) + longest + answer, "the prompt of a chunk")
-
-    prefix = (
-        prompt_prefix_cache(loaded, prompt.prefix, settings.prefill_chunk)
-        if settings.reuse_prefix
-        else None
-    )
     label_tokens = _label_tokens(loaded)
-    out = np.zeros((prompt.rows[-1].stop, n_classes), np.float32)
-    for chunks in _batches(prompt, settings.batch_size):
-        chunk, (ids, positions, segments) = _queries(loaded, prompt, chunks, settings, prefix)
-        log_probs = score_chunks(
+
+    def score(
+        prefix: KVCache | None, chunks: list[int], chunk: int, queries: QueryArrays
+    ) -> jnp.ndarray:
+        return score_chunks(
             loaded.graphdef,
             loaded.state,
             prefix,
-            ids,
-            positions,
-            segments,
+            *queries,
             jnp.asarray(step_ids),
             jnp.asarray(step_segments),
             label_tokens,
             jnp.int32(n_classes),
             chunk=chunk,
         )
-        log_probs = np.asarray(log_probs)
-        for b, c in enumerate(chunks):
-            rows = prompt.rows[c]
-            out[rows.start : rows.stop] = log_probs[b, : len(rows), :n_classes]
-            if progress is not None:
-                progress(len(rows))
-    return out
+
+    return _score_batches(loaded, prompt, n_classes, settings, progress, answer, score)
 
 
 def _score_spelled(
@@ -231,26 +262,17 @@ def _score_spelled(
     right_spell, right_mask = spelling.right_aligned()
     fixed_ids, fixed_segments = fixed_steps(tok, rows)
     answer = (rows - 1) * (spelling.width + fixed_ids.shape[1]) + spelling.width + 1
-    longest = max(len(q) for q in prompt.queries)
-    check_context(loaded, len(prompt.prefix) + longest + answer, "the prompt of a chunk")
 
-    prefix = (
-        prompt_prefix_cache(loaded, prompt.prefix, settings.prefill_chunk)
-        if settings.reuse_prefix
-        else None
-    )
-    out = np.zeros((prompt.rows[-1].stop, n_classes), np.float32)
-    for chunks in _batches(prompt, settings.batch_size):
-        chunk, (ids, positions, segments) = _queries(loaded, prompt, chunks, settings, prefix)
+    def score(
+        prefix: KVCache | None, chunks: list[int], chunk: int, queries: QueryArrays
+    ) -> jnp.ndarray:
         sizes = [len(prompt.rows[c]) for c in chunks]
         sizes += [sizes[0]] * (settings.batch_size - len(sizes))  # the repeated padding chunk
-        log_probs = score_chunks_spelled(
+        return score_chunks_spelled(
             loaded.graphdef,
             loaded.state,
             prefix,
-            ids,
-            positions,
-            segments,
+            *queries,
             jnp.asarray(fixed_ids),
             jnp.asarray(fixed_segments),
             jnp.asarray(spelling.tokens),
@@ -260,13 +282,8 @@ def _score_spelled(
             jnp.asarray(chunk_closers(tok, sizes, rows)),
             chunk=chunk,
         )
-        log_probs = np.asarray(log_probs)
-        for b, c in enumerate(chunks):
-            rows_c = prompt.rows[c]
-            out[rows_c.start : rows_c.stop] = log_probs[b, : len(rows_c)]
-            if progress is not None:
-                progress(len(rows_c))
-    return out
+
+    return _score_batches(loaded, prompt, n_classes, settings, progress, answer, score)
 
 
 def decode_prompt(
@@ -291,11 +308,7 @@ def decode_prompt(
     check_context(
         loaded, len(prompt.prefix) + longest + max_new_tokens, "the prompt of a chunk + answer"
     )
-    prefix = (
-        prompt_prefix_cache(loaded, prompt.prefix, settings.prefill_chunk)
-        if settings.reuse_prefix
-        else None
-    )
+    prefix = _reused_prefix(loaded, prompt, settings)
     label_tokens = _label_tokens(loaded)
     tok = loaded.prompt_tokenizer
     out: list[DecodedChunk | None] = [None] * len(prompt.queries)

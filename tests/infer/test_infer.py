@@ -36,7 +36,7 @@ from mllm_jax.model import Qwen2ForCausalLM, decode_greedy, init_model, preset, 
 
 SETTINGS = RunSettings(batch_size=2, prefill_chunk=1024)
 COMMON = dict(chunk_size=3, batch_size=2, prefill_chunk=1024, dtype="float32")
-FULL = nnx.jit(lambda m, ids, seg: m(ids, segment_ids=seg))
+HIDDEN = nnx.jit(lambda m, ids, seg: m(ids, segment_ids=seg, return_hidden=True))
 
 
 def tiny_config():
@@ -178,10 +178,12 @@ def _full_label_log_probs(loaded, prompt, log_probs, n_classes):
     seg = np.zeros((len(seqs), width), np.int32)
     for r, s in enumerate(seqs):
         ids[r, : len(s)], seg[r, : len(s)] = s, 1
-    logits = np.asarray(FULL(loaded.model, jnp.asarray(ids), jnp.asarray(seg)))
+    # The LM head only where it is read (all [rows, width, vocab] logits are ~1 GB).
+    hidden = HIDDEN(loaded.model, jnp.asarray(ids), jnp.asarray(seg))
     out = []
     for r, positions in enumerate(slot_positions):
-        picked = logits[r, positions][:, tok.digit_ids[:n_classes]].astype(np.float64)
+        logits = np.asarray(loaded.model.logits(hidden[r, positions]))
+        picked = logits[:, tok.digit_ids[:n_classes]].astype(np.float64)
         out.append(picked - np.log(np.exp(picked).sum(-1, keepdims=True)))
     return np.concatenate(out)
 

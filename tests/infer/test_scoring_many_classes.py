@@ -79,12 +79,13 @@ def brute_force(loaded, backend, prompt, written):
                 assert backend.decode(ids[n_head : n_head + n].tolist()) == f"{c}{closer}"
                 seqs.append(np.concatenate([body, ids[: n_head + n]]))
                 scored.append(len(body) + n_head + np.arange(n))
-    width = max(len(s) for s in seqs)
+    # One shape for every call (16 rows, width a multiple of 256): HIDDEN compiles once.
+    width = -(-max(len(s) for s in seqs) // 256) * 256
     total = np.zeros(len(seqs))
     for start in range(0, len(seqs), 16):
         part = seqs[start : start + 16]
-        ids = np.zeros((len(part), width), np.int32)
-        seg = np.zeros((len(part), width), np.int32)
+        ids = np.zeros((16, width), np.int32)
+        seg = np.zeros((16, width), np.int32)
         for r, s in enumerate(part):
             ids[r, : len(s)], seg[r, : len(s)] = s, 1
         hidden = HIDDEN(loaded.model, jnp.asarray(ids), jnp.asarray(seg))
@@ -116,13 +117,10 @@ def test_spelling_and_closers(loaded, backend):
     assert one[:-1] == twelve[:-2] and one[-1] == twelve[-1] == closers[-1]
 
 
-def fifteen_class_prompt(loaded, n_test=5, chunk_size=3):
+def fifteen_class_prompt(loaded):
+    """24 shots of 15 classes, 5 test rows in chunks of 3 and 2."""
     return build_chunked_prompt(
-        loaded.prompt_tokenizer,
-        table(24, 1),
-        shot_codes(24, 1),
-        table(n_test, 2),
-        chunk_size=chunk_size,
+        loaded.prompt_tokenizer, table(24, 1), shot_codes(24, 1), table(5, 2), chunk_size=3
     )
 
 
@@ -174,7 +172,7 @@ def test_first_token_alone_would_score_otherwise(loaded):
     """The closing token matters: class 1's score is not the probability of its first
     digit alone (which also starts 10-14), so the 15-class scores of classes 0-9 are not
     the 10-class (one-token) scores."""
-    prompt = fifteen_class_prompt(loaded, n_test=1, chunk_size=1)
+    prompt = fifteen_class_prompt(loaded)  # the shapes the tests above compiled
     spelled = np.exp(score_prompt(loaded, prompt, N_CLASSES, SETTINGS)[0])
     single = np.exp(score_prompt(loaded, prompt, 10, SETTINGS)[0])  # digits 0-9 only
     # scored with the closing token, classes 0-9 compare otherwise than by first digit

@@ -377,6 +377,10 @@ class Attention(nnx.Module):
         # own tokens, in order: causal self-attention, whose XLA path skips the key blocks
         # past each query chunk instead of scoring the whole [T, T] square.
         fills_cache = kv is not None and kv[0].shape[1] == t
+        # Calls of at least one key block into a larger cache (prefill chunks, query
+        # parts) read only its filled blocks; shorter ones (decode and answer steps) score
+        # the whole cache in one dense pass, cheaper than a loop of tiny blocks.
+        reads_filled = kv is not None and not fills_cache and t >= cfg.attention_query_chunk
         if kv is not None:
             kv = write_layer(kv[0], kv[1], k, v, ctx.write_index)
             k, v = kv
@@ -394,7 +398,7 @@ class Attention(nnx.Module):
             kv_positions=ctx.kv_positions,
             kv_segment_ids=ctx.kv_segment_ids,
             self_attention=kv is None or fills_cache,
-            kv_filled=None if kv is None or fills_cache else ctx.write_index + t,
+            kv_filled=ctx.write_index + t if reads_filled else None,
             key_block=cfg.attention_query_chunk,
             segments_given=ctx.segments_given,
             return_lse=prefix_kv is not None,

@@ -388,7 +388,6 @@ class Attention(nnx.Module):
             q_positions=ctx.q_positions,
             q_segment_ids=ctx.q_segment_ids,
             scale=d**-0.5,
-            backend=cfg.attention_backend,
             query_chunk=cfg.attention_query_chunk,
         )
         out = attend(
@@ -398,6 +397,8 @@ class Attention(nnx.Module):
             kv_positions=ctx.kv_positions,
             kv_segment_ids=ctx.kv_segment_ids,
             self_attention=kv is None or fills_cache,
+            # Cached calls stay on the XLA path (the kernels are for training shapes).
+            backend=cfg.attention_backend if kv is None else "xla",
             kv_filled=ctx.write_index + t if reads_filled else None,
             key_block=cfg.attention_query_chunk,
             segments_given=ctx.segments_given,
@@ -413,6 +414,7 @@ class Attention(nnx.Module):
                 kv_positions=ctx.prefix_positions,
                 kv_segment_ids=ctx.prefix_segment_ids,
                 return_lse=True,
+                backend=cfg.attention_backend,
                 **common,
             )
             out = merge_attention(out, lse, out_p, lse_p)

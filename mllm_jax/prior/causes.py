@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax.scipy.special as jsp
+import numpy as np
 
 from mllm_jax.prior import rng
 from mllm_jax.prior.hparams import SAMPLING_MIXED, SAMPLING_NORMAL, SAMPLING_UNIFORM
@@ -71,6 +72,16 @@ def _zipf(stream: rng.Stream, rows: int, width: int) -> jax.Array:
     return x - x.mean(axis=0)
 
 
+def _uniform(stream: rng.Stream, rows: int, width: int) -> jax.Array:
+    """U[0, 1) on the grid of the reference's ``torch.rand``: the 2^24 multiples of 2^-24.
+
+    Not ``rng.uniform``: its odd multiples of 2^-25 do not exist in float32 above 0.5 and
+    round onto a 2^-23 grid there, so a column's values tied 1.5x as often as the
+    reference's (seen in ``feature_distinct_fraction``, docs/prior.md "Tree tasks").
+    """
+    return (rng.bits(stream, (rows, width)) >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+
+
 def _mixed(
     task: rng.Stream, stream: rng.Stream, rows: int, width: int, pre_stats: jax.Array
 ) -> jax.Array:
@@ -89,7 +100,7 @@ def _mixed(
             _normal(rng.fold(stream, 2), rows, width, pre_stats),
             _multinomial(rng.fold(stream, 3), rows, width),
             _zipf(rng.fold(stream, 4), rows, width),
-            rng.uniform(rng.fold(stream, 5), (rows, width)),
+            _uniform(rng.fold(stream, 5), rows, width),
         )
     )
     return jnp.where(
@@ -115,8 +126,9 @@ def sample_causes(
         rows, width: static output shape.
         n_cols: i32 number of real columns here (the rest are zero).
         sampling: SAMPLING_NORMAL (N(0,1), or per-column N(m, |s*m|) with pre_stats),
-            SAMPLING_UNIFORM (U(0,1)) or SAMPLING_MIXED (per column one of normal,
-            multinomial, zipf, uniform with task-level probabilities).
+            SAMPLING_UNIFORM (U[0,1), on torch.rand's 2^-24 grid) or SAMPLING_MIXED (per
+            column one of normal, multinomial, zipf, uniform with task-level
+            probabilities).
         pre_stats: bool, per-column means and stds for normal causes.
         tile: i32, which block of ``width`` columns: each block draws its columns from
             a stream of its own, and the task-level choices from ``stream``.
@@ -128,7 +140,7 @@ def sample_causes(
     branches = [None] * 3
     branches[SAMPLING_NORMAL] = lambda s: _normal(s, rows, width, pre_stats)
     branches[SAMPLING_MIXED] = lambda s: _mixed(stream, s, rows, width, pre_stats)
-    branches[SAMPLING_UNIFORM] = lambda s: rng.uniform(s, (rows, width))
+    branches[SAMPLING_UNIFORM] = lambda s: _uniform(s, rows, width)
     x = jax.lax.switch(sampling, branches, columns)
     return jnp.where(jnp.arange(width) < n_cols, x, 0.0)
 

@@ -1,11 +1,12 @@
-"""The prior's layout-tuned counting kernels against plain numpy."""
+"""The prior's layout-tuned counting kernels against plain numpy, and the uniform causes' grid."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mllm_jax.prior.causes import _count_below, _transposed
+from mllm_jax.prior.causes import _count_below, _transposed, sample_causes
+from mllm_jax.prior.hparams import SAMPLING_MIXED, SAMPLING_UNIFORM
 from mllm_jax.prior.reg2cls import _count_less
 
 
@@ -33,3 +34,21 @@ def test_count_less_is_a_left_searchsorted(n_used):
         [np.searchsorted(bounds[:, s], keys[:, s], side="left") for s in range(slots)], 1
     )
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("sampling", [SAMPLING_UNIFORM, SAMPLING_MIXED], ids=["uniform", "mixed"])
+def test_uniform_causes_use_every_multiple_of_2_pow_minus_24(sampling):
+    """Uniform causes lie on torch.rand's grid, k / 2^24, with odd and even k in both
+    halves of [0, 1): a grid twice as coarse above 0.5 made a column's values tie 1.5x
+    as often as the reference's."""
+    stream = jnp.array([15, 4], jnp.uint32)  # its mixed task has 3 uniform columns
+    x = sample_causes(stream, 4096, 16, jnp.int32(16), jnp.int32(sampling), jnp.bool_(False))
+    x = np.asarray(x, np.float64)
+    k = x * 2.0**24
+    if sampling == SAMPLING_MIXED:  # keep the uniform columns (the only ones in [0, 1))
+        k = k[:, ((k >= 0) & (k < 2**24)).all(axis=0)]
+        assert k.shape[1] >= 2
+    assert (k == np.round(k)).all() and (k >= 0).all() and (k < 2**24).all()
+    for half in (k < 2**23, k >= 2**23):
+        odd = np.mean(k[half] % 2 == 1)
+        assert 0.45 < odd < 0.55, odd

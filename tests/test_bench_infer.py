@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scoring_models import tiny_scoring_config
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 
@@ -35,9 +36,9 @@ def test_transformers_scoring_reads_the_label_logits_slot_by_slot():
     import torch
 
     from mllm_jax.infer import answer_frame, build_chunked_prompt, from_model
-    from mllm_jax.model import init_model, preset
+    from mllm_jax.model import init_model
 
-    config = preset("tiny", vocab_size=151936, tie_word_embeddings=True, initializer_range=0.2)
+    config = tiny_scoring_config()
     model = init_model(config, 0)
     loaded = from_model(model)
     rng = np.random.default_rng(0)

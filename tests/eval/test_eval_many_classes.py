@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pandas as pd
+from scoring_models import save_tiny_scoring_model
 from typer.testing import CliRunner
 
 from mllm_jax.cli import app
@@ -24,11 +25,8 @@ def fifteen_class_frame(rows=150):
 
 
 def test_cli_reports_a_fifteen_class_table_for_the_llm(tmp_path):
-    from mllm_jax.model import init_model, preset, save_hf
-
     model = tmp_path / "model"
-    config = preset("tiny", vocab_size=151936, tie_word_embeddings=True, initializer_range=0.2)
-    save_hf(init_model(config, 0), model)
+    save_tiny_scoring_model(model, 0)
     csv = tmp_path / "fifteen.csv"
     fifteen_class_frame().to_csv(csv, index=False)
     out = tmp_path / "out"

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from locations import TABLES
+from scoring_models import save_tiny_scoring_model
 from typer.testing import CliRunner
 
 from mllm_jax.cli import app
@@ -248,11 +249,9 @@ def test_llm_classifier_plugs_in_as_one_more_method(tmp_path, datasets):
     harness: one entry per seed, probabilities the harness could score, and the same
     numbers as the classifier fitted by hand on that entry's shots."""
     from mllm_jax.infer import MLLMClassifier
-    from mllm_jax.model import init_model, preset, save_hf
 
     model = tmp_path / "model"
-    config = preset("tiny", vocab_size=151936, tie_word_embeddings=True, initializer_range=0.2)
-    save_hf(init_model(config, 0), model)
+    save_tiny_scoring_model(model, 0)
     options = {"chunk_size": 8, "batch_size": 4, "dtype": "float32"}
     methods = resolve_methods(["knn"], model_dir=model, model_options=options)
     protocol = Protocol(max_test=12)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from flax import nnx
+from scoring_models import tiny_scoring_config
 from sklearn.base import clone
 
 from mllm_jax.encoding.prompt import build_prompt
@@ -41,7 +42,7 @@ HIDDEN = nnx.jit(lambda m, ids, seg: m(ids, segment_ids=seg, return_hidden=True)
 
 def tiny_config():
     # Qwen2.5's vocabulary so real prompts fit; large init so distributions are not flat.
-    return preset("tiny", vocab_size=151936, tie_word_embeddings=True, initializer_range=0.2)
+    return tiny_scoring_config()
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from scoring_models import save_tiny_scoring_model
 from typer.testing import CliRunner
 
 from mllm_jax.cli import app
-from mllm_jax.model import init_model, preset, save_hf
 
 # The shapes of tests/infer/test_infer.py, so a run of both compiles each program once.
 OPTIONS = [
@@ -26,8 +26,7 @@ OPTIONS = [
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     directory = tmp_path_factory.mktemp("infer_cli") / "tiny"
-    config = preset("tiny", vocab_size=151936, tie_word_embeddings=True, initializer_range=0.2)
-    save_hf(init_model(config, 0), directory)
+    save_tiny_scoring_model(directory, 0)
     return directory
 
 

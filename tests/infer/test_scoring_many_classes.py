@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from flax import nnx
 from scipy.special import logsumexp
+from scoring_models import save_tiny_scoring_model
 
 from mllm_jax.encoding.prompt import answer_segments, answer_text
 from mllm_jax.encoding.tokens import load_backend_tokenizer
@@ -21,7 +22,6 @@ from mllm_jax.infer import (
     score_prompt,
 )
 from mllm_jax.infer.labels import LabelSpelling, answer_closers, label_spelling
-from mllm_jax.model import init_model, preset, save_hf
 
 N_CLASSES = 15
 SETTINGS = RunSettings(batch_size=2, prefill_chunk=1024)
@@ -31,8 +31,7 @@ HIDDEN = nnx.jit(lambda m, ids, seg: m(ids, segment_ids=seg, return_hidden=True)
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     directory = tmp_path_factory.mktemp("many") / "tiny"
-    config = preset("tiny", vocab_size=151936, tie_word_embeddings=True, initializer_range=0.2)
-    save_hf(init_model(config, 3), directory)
+    save_tiny_scoring_model(directory, 3)
     return directory
 
 

@@ -37,6 +37,9 @@ class PriorConfig:
             128; 0 evaluates it at every element). See docs/prior.md for the error.
         tree_candidates: random (feature, threshold) split candidates scored per tree
             level (the reference's XGBoost scores every feature at 256 histogram cuts).
+        tree_tail_candidates: further split candidates per tree level that cut off one
+            of a feature's 1-8 outermost histogram bins, where XGBoost's exhaustive
+            search on random targets mostly splits (``mllm_jax.prior.trees``).
         max_hidden: cap on the MLP hidden width (the reference's width distribution has
             an unbounded tail; 512 is beyond its 99.99th percentile).
         chunk_size: tasks per device per compiled call.
@@ -59,7 +62,8 @@ class PriorConfig:
     attempts: int = 10
     sine_terms: int = 256
     sine_table: int = 4096
-    tree_candidates: int = 64
+    tree_candidates: int = 32
+    tree_tail_candidates: int = 32
     max_hidden: int = 512
     chunk_size: int = 8
     task_block: int = 1
@@ -104,6 +108,10 @@ class PriorConfig:
             f"sine_table={self.sine_table} must be 0 or a positive multiple of 128",
         )
         need(self.tree_candidates >= 1, f"tree_candidates={self.tree_candidates} must be >= 1")
+        need(
+            self.tree_tail_candidates >= 0,
+            f"tree_tail_candidates={self.tree_tail_candidates} must be >= 0",
+        )
         need(self.chunk_size >= 1, f"chunk_size={self.chunk_size} must be >= 1")
         need(
             self.task_block >= 1 and self.chunk_size % self.task_block == 0,

@@ -71,7 +71,7 @@ def _generate_one(stream, hp: HParams, budget, *, kind: str, width: int, config:
         if kind == _TREE:
             X, y, ok = tree_scm(
                 rng.fold(s, 0), hp, n_slots=c.max_features, rows=c.rows,
-                candidates=c.tree_candidates,
+                candidates=c.tree_candidates, tail_candidates=c.tree_tail_candidates,
             )  # fmt: skip
         else:
             X, y, ok = mlp_scm(
@@ -174,6 +174,7 @@ def _hparams_settings(config: PriorConfig) -> PriorConfig:
         sine_terms=1,
         sine_table=0,
         tree_candidates=1,
+        tree_tail_candidates=0,
         chunk_size=1,
         task_block=1,
         widths=(config.max_hidden,),

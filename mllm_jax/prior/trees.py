@@ -8,10 +8,21 @@ tree per round) fit to i.i.d. N(0, 1) targets and evaluated on its own input.
 We keep that boosting loop and its arithmetic (squared error, hessian 1, lambda 1,
 learning rate 0.3, leaf weight -0.3 G / (H + 1), gain summed over outputs, a split only
 when it gains and leaves >= 1 row per child) but replace XGBoost's exhaustive split
-search (every feature at 256 histogram cuts) by the best of ``candidates`` random
-(feature, threshold) pairs per tree level, the threshold being the feature's value at a
-random row. No sorting is needed: each level is one [candidates, rows] x [rows, nodes *
-outputs] matrix product.
+search (every feature at 256 histogram cuts) by the best of a few candidates per tree
+level, each a (feature, threshold) pair:
+
+- ``candidates`` whose threshold is the feature's value at a random row (uniform in rank);
+- ``tail_candidates`` that cut off one of the feature's outermost histogram bins (the
+  1-8 bins of rows / 256 rows at either end). On random targets an exhaustive search
+  picks such splits far more often than a uniform rank does: a split's gain under pure
+  noise is about as large at any rank, and the ranks near the ends are the least
+  correlated with one another, so the best of all of them usually lies there (the edge
+  effect of a standardised CUSUM). Without them the trees split near the middle, their
+  classes come out more balanced and more correlated with the features than the
+  reference's (docs/prior.md, Tree tasks).
+
+No sorting is needed: the tails are one ``top_k`` per feature and tree layer, and each
+level is one [candidates, rows] x [rows, nodes * outputs] matrix product.
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ from mllm_jax.prior.hparams import HParams
 
 MAX_HIDDEN = 9  # hidden width randint(3, 10)
 MAX_DEPTH = 4
+HIST_BINS = 256  # XGBoost's max_bin
+TAIL_BINS = 8  # tail candidates cut off 1..TAIL_BINS histogram bins at one end
 _ETA = 0.3
 _LAMBDA = 1.0
 _MIN_GAIN = 1e-6
@@ -42,8 +55,41 @@ def _score(G: jax.Array) -> jax.Array:
     return jnp.sum(G[..., :-1] ** 2, axis=-1) / (G[..., -1] + _LAMBDA)
 
 
+def _bin_rows(rows: int) -> int:
+    """Rows per XGBoost histogram bin (its quantile cuts) for a feature of distinct values."""
+    return max(1, rows // HIST_BINS)
+
+
+def _tails(z_t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(lowest, highest): f32[features, k] each feature's k smallest values ascending
+    and k largest descending, k = TAIL_BINS bins + 1 rows (at most all rows)."""
+    k = min(TAIL_BINS * _bin_rows(z_t.shape[1]) + 1, z_t.shape[1])
+    return -jax.lax.top_k(-z_t, k)[0], jax.lax.top_k(z_t, k)[0]
+
+
+def _tail_thresholds(stream: rng.Stream, tails, n_in, count: int):
+    """(features i32[count], thresholds f32[count]) of splits that leave r = b * (rows
+    per bin) rows on one side, b uniform in 1..TAIL_BINS, either end alike."""
+    lowest, highest = tails
+    per_bin = max(1, (lowest.shape[1] - 1) // TAIL_BINS)
+    feat = rng.randint(rng.fold(stream, 0), 0, n_in, (count,))
+    r = per_bin * rng.randint(rng.fold(stream, 1), 1, TAIL_BINS + 1, (count,))
+    r = jnp.minimum(r, lowest.shape[1] - 1)
+    low_end = rng.uniform(rng.fold(stream, 2), (count,)) < 0.5
+    # x < lowest[r]: the r smallest go left; x < highest[r - 1]: the r largest go right.
+    threshold = jnp.where(low_end, lowest[feat, r], highest[feat, r - 1])
+    return feat, threshold
+
+
 def _grow(
-    stream: rng.Stream, z_t: jax.Array, n_in: jax.Array, A_t: jax.Array, depth, candidates: int
+    stream: rng.Stream,
+    z_t: jax.Array,
+    n_in: jax.Array,
+    A_t: jax.Array,
+    depth,
+    candidates: int,
+    tails: tuple[jax.Array, jax.Array] | None = None,
+    tail_candidates: int = 0,
 ):
     """Leaf index (i32[rows] in [0, 16)) of each row in one greedy tree.
 
@@ -53,6 +99,7 @@ def _grow(
     Args:
         z_t: f32[features, rows] inputs; only the first n_in features are split on.
         A_t: f32[outputs + 1, rows] gradients with a row of ones (hessians) appended.
+        tails: `_tails(z_t)`, needed when tail_candidates > 0.
     """
     rows = z_t.shape[1]
     node = jnp.zeros((rows,), jnp.int32)
@@ -63,13 +110,20 @@ def _grow(
             s = rng.fold(stream, level)
             feat = rng.randint(rng.fold(s, 0), 0, n_in, (candidates,))
             row = rng.randint(rng.fold(s, 1), 0, rows, (candidates,))
+            threshold = z_t[feat, row]
+            if tail_candidates:
+                tail_feat, tail_threshold = _tail_thresholds(
+                    rng.fold(s, 2), tails, n_in, tail_candidates
+                )
+                feat = jnp.concatenate([feat, tail_feat])
+                threshold = jnp.concatenate([threshold, tail_threshold])
             cols = z_t[feat]  # [candidates, rows]
-            left = cols < jnp.take_along_axis(cols, row[:, None], axis=1)  # [cand, rows]
+            left = cols < threshold[:, None]  # [candidates, rows]
             member = node[None, None, :] == jnp.arange(n_nodes)[:, None, None]
             by_node = jnp.where(member, A_t[None], 0.0).reshape(-1, rows)  # [nodes*(out+1), rows]
             GL = jax.lax.dot_general(
                 left.astype(jnp.float32), by_node, (((1,), (1,)), ((), ()))
-            ).reshape(candidates, n_nodes, -1)
+            ).reshape(feat.shape[0], n_nodes, -1)
             total = by_node.sum(axis=1).reshape(n_nodes, -1)  # [nodes, outputs + 1]
             GR = total[None] - GL
             gain = _score(GL) + _score(GR) - _score(total)[None]
@@ -91,6 +145,7 @@ def tree_layer(
     n_out: jax.Array,
     candidates: int,
     width: int = MAX_HIDDEN,
+    tail_candidates: int = 0,
 ) -> jax.Array:
     """One boosted multi-output tree layer fit to random targets and evaluated on z.
 
@@ -111,11 +166,12 @@ def tree_layer(
     # Transposed once, into buffers: a transpose the tree levels' conditionals read
     # was copied again inside each of them.
     z_t = rng.materialised(z.T)
+    tails = _tails(z_t) if tail_candidates else None
 
     def boost(t, pred):
         A = jnp.concatenate([pred - target, ones], axis=1)
         leaf = _grow(rng.fold(stream, 100 + t), z_t, n_in, rng.materialised(A.T), depth,
-                     candidates)  # fmt: skip
+                     candidates, tails, tail_candidates)  # fmt: skip
         member = (jnp.arange(2**MAX_DEPTH)[:, None] == leaf[None, :]).astype(jnp.float32)
         G = member @ A  # [leaves, outputs + 1]
         weight = -_ETA * G[:, :-1] / (G[:, -1:] + _LAMBDA)
@@ -140,7 +196,13 @@ def _normal(stream: rng.Stream, rows: int, width: int) -> jax.Array:
 
 
 def tree_scm(
-    stream: rng.Stream, hp: HParams, *, n_slots: int, rows: int, candidates: int
+    stream: rng.Stream,
+    hp: HParams,
+    *,
+    n_slots: int,
+    rows: int,
+    candidates: int,
+    tail_candidates: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Raw features and target of one tree-SCM draw.
 
@@ -152,13 +214,14 @@ def tree_scm(
     causes = sample_causes(rng.fold(stream, 1), rows, n_slots, nf, hp.sampling, hp.pre_cause_stats)
     n_layers = rng.randint(rng.fold(stream, 2), 1, 3)
     hidden = rng.randint(rng.fold(stream, 3), 3, MAX_HIDDEN + 1)
-    h = tree_layer(rng.fold(stream, 10), jnp.nan_to_num(causes), nf, hidden, candidates)
+    search = dict(candidates=candidates, tail_candidates=tail_candidates)
+    h = tree_layer(rng.fold(stream, 10), jnp.nan_to_num(causes), nf, hidden, **search)
 
     def second(h):
-        out = tree_layer(rng.fold(stream, 11), h, hidden, hidden, candidates)
+        out = tree_layer(rng.fold(stream, 11), h, hidden, hidden, **search)
         return out + _noise(rng.fold(stream, 21), hp, rows, hidden, MAX_HIDDEN)
 
     h = jax.lax.cond(n_layers == 2, second, lambda h: h, h)
-    y = tree_layer(rng.fold(stream, 12), h, hidden, 1, candidates, width=1)
+    y = tree_layer(rng.fold(stream, 12), h, hidden, 1, width=1, **search)
     y = y + _noise(rng.fold(stream, 22), hp, rows, 1, 1)
     return causes, y[:, 0], jnp.bool_(True)

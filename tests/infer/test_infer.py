@@ -40,15 +40,10 @@ COMMON = dict(chunk_size=3, batch_size=2, prefill_chunk=1024, dtype="float32")
 HIDDEN = nnx.jit(lambda m, ids, seg: m(ids, segment_ids=seg, return_hidden=True))
 
 
-def tiny_config():
-    # Qwen2.5's vocabulary so real prompts fit; large init so distributions are not flat.
-    return tiny_scoring_config()
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     directory = tmp_path_factory.mktemp("infer") / "tiny"
-    save_hf(init_model(tiny_config(), 0), directory)
+    save_hf(init_model(tiny_scoring_config(), 0), directory)
     return directory
 
 

@@ -98,6 +98,9 @@ def test_train_config_points_at_the_corpus_and_keeps_labels(tmp_path):
     assert stage["data"]["pipeline"]["sampling"] == {"min_shots": 16, "permute_labels": False}
     assert config["validation"]["data"]["shards"] == [f"{tmp_path}/h/*.array_record"]
     assert template["stages"][0]["data"]["pipeline"]["sampling"]["permute_labels"] is True
+    # Without a base the template's model stays as it is (a from-scratch run).
+    scratch = train_config(template, tmp_path, None, 400, tmp_path / "d", tmp_path / "h")
+    assert scratch["model"] == template["model"]
 
 
 def test_score_reports_each_reader_and_the_fixed_rule_is_exact_on_its_tasks(tmp_path):

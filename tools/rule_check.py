@@ -99,12 +99,14 @@ def write_corpus(directory: Path, count: int, seed: int, rule: str) -> list[Path
 
 
 def train_config(
-    template: dict, out: Path, base: str, steps: int, shards: Path, heldout: Path
+    template: dict, out: Path, base: str | None, steps: int, shards: Path, heldout: Path
 ) -> dict:
-    """The template run's config with this corpus, labels not permuted, `steps` steps."""
+    """The template run's config with this corpus, labels not permuted, `steps` steps;
+    the model continues `base`, or is the template's own (from scratch) when None."""
     config = dict(template)
     config["run_dir"] = str(out / "train")
-    config["model"] = {**template["model"], "base": base}
+    if base is not None:
+        config["model"] = {**template["model"], "base": base}
     stage = dict(template["stages"][0])
     data = dict(stage["data"])
     pipeline = dict(data["pipeline"])
@@ -201,7 +203,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="the two corpora and their training configs")
     w.add_argument("--out", type=Path, required=True)
-    w.add_argument("--base", required=True, help="the model to continue (HF directory)")
+    w.add_argument(
+        "--base", help="the model to continue (HF directory); default: the template's model"
+    )
     w.add_argument("--from-config", type=Path, required=True, help="a run's config.yaml")
     w.add_argument("--steps", type=int, default=400)
     w.add_argument("--tasks", type=int, default=4000)

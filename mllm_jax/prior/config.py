@@ -39,7 +39,7 @@ class PriorConfig:
             level (the reference's XGBoost scores every feature at 256 histogram cuts).
         tree_tail_candidates: further split candidates per tree level that cut off one
             of a feature's 1-8 outermost histogram bins, where XGBoost's exhaustive
-            search on random targets mostly splits (``mllm_jax.prior.trees``).
+            search on random targets often splits (``mllm_jax.prior.trees``).
         max_hidden: cap on the MLP hidden width (the reference's width distribution has
             an unbounded tail; 512 is beyond its 99.99th percentile).
         chunk_size: tasks per device per compiled call.

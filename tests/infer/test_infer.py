@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from flax import nnx
-from scoring_models import tiny_scoring_config
+from scoring_models import save_tiny_scoring_model
 from sklearn.base import clone
 
 from mllm_jax.encoding.prompt import build_prompt
@@ -33,7 +33,7 @@ from mllm_jax.infer import (
     score_prompt,
 )
 from mllm_jax.infer.engine import label_logits
-from mllm_jax.model import Qwen2ForCausalLM, decode_greedy, init_model, preset, save_hf
+from mllm_jax.model import Qwen2ForCausalLM, decode_greedy, preset
 
 SETTINGS = RunSettings(batch_size=2, prefill_chunk=1024)
 COMMON = dict(chunk_size=3, batch_size=2, prefill_chunk=1024, dtype="float32")
@@ -43,7 +43,7 @@ HIDDEN = nnx.jit(lambda m, ids, seg: m(ids, segment_ids=seg, return_hidden=True)
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     directory = tmp_path_factory.mktemp("infer") / "tiny"
-    save_hf(init_model(tiny_scoring_config(), 0), directory)
+    save_tiny_scoring_model(directory, 0)
     return directory
 
 
